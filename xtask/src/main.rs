@@ -1,0 +1,88 @@
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! Commands:
+//! - `ci`: the whole test pipeline that `.ci/run` and the README run: format
+//!   check, clippy with `-D warnings`, the asset fetch, and the test suite.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let root = workspace_root();
+    env::set_current_dir(&root)
+        .with_context(|| format!("cannot enter the workspace root {}", root.display()))?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("help") | Some("--help") | Some("-h") | None => {
+            print_help();
+            Ok(())
+        }
+        Some(other) => {
+            print_help();
+            bail!("unknown xtask command `{other}`")
+        }
+    }
+}
+
+fn print_help() {
+    println!("cargo xtask <command>");
+    println!();
+    println!("commands:");
+    println!("  ci    format check, clippy -D warnings, asset fetch, all tests (what CI runs)");
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one folder below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The CI pipeline. Each step runs even on a cold machine; the first failure
+/// stops the pipeline with its name.
+fn ci() -> anyhow::Result<()> {
+    let started = Instant::now();
+    step("format check", "cargo", &["fmt", "--all", "--check"])?;
+    step(
+        "clippy",
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    step("tests", "cargo", &["test", "--workspace"])?;
+    println!(
+        "xtask ci: all steps passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn step(name: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    println!("==> {name}: {program} {}", args.join(" "));
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot start `{program}` for the {name} step"))?;
+    println!(
+        "<== {name}: {} in {:.1} s",
+        if status.success() { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        bail!("the {name} step failed ({status})");
+    }
+    Ok(())
+}
