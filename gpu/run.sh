@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the fedsvd-kernels GPU bundle (built by `cargo xtask gpu-bundle`) on a
+# machine with CUDA and no Rust toolchain: every test binary with
+# FEDSVD_REQUIRE_GPU=1 (so a missing device fails instead of skipping), then
+# the benchmark. Output also goes to results.txt beside this script, or to
+# $OUT/results.txt when OUT is set.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here"
+export FEDSVD_REQUIRE_GPU=1
+# cuBLAS usually lives with the toolkit; the driver library is on the default path.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    if [ -d "$d" ]; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; fi
+done
+results="${OUT:-$here}/results.txt"
+: > "$results"
+status=0
+{
+    echo "== $(date -u +%FT%TZ) $(cat MANIFEST 2>/dev/null | sed -n 2p)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
+} | tee -a "$results"
+for t in tests/*; do
+    echo "==> $t" | tee -a "$results"
+    # The source-tree check reads kernels/ from the build machine's checkout.
+    "$t" --test-threads=1 --skip every_cu_file_is_listed_and_current 2>&1 | tee -a "$results"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+echo "==> benchmark" | tee -a "$results"
+./bin/fedsvd-kernels-bench "$@" 2>&1 | tee -a "$results"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== exit status $status" | tee -a "$results"
+exit "$status"
