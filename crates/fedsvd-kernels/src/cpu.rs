@@ -49,16 +49,29 @@ pub fn per_example_grads(
             let gi = &g[i * tokens * d_out..(i + 1) * tokens * d_out];
             let hi = &h[i * tokens * rank..(i + 1) * tokens * rank];
             let block = &mut row[layout.offset..layout.offset + d_out * rank];
-            block.fill(0.0);
-            for t in 0..tokens {
-                let gt = &gi[t * d_out..(t + 1) * d_out];
-                let ht = &hi[t * rank..(t + 1) * rank];
-                for (m, &gv) in gt.iter().enumerate() {
-                    let orow = &mut block[m * rank..(m + 1) * rank];
-                    for (o, &hv) in orow.iter_mut().zip(ht) {
-                        *o += gv * hv;
-                    }
-                }
+            // SAFETY: the lengths were checked above: gi is tokens x d_out,
+            // hi is tokens x rank and block is d_out x rank, all row-major,
+            // and the strides below stay inside them. With beta = 0 the
+            // block is overwritten without being read. matrixmultiply
+            // splits work over output blocks only, so every element is
+            // accumulated in the same order on any number of threads.
+            unsafe {
+                matrixmultiply::sgemm(
+                    d_out,
+                    tokens,
+                    rank,
+                    1.0,
+                    gi.as_ptr(),
+                    1,
+                    d_out as isize,
+                    hi.as_ptr(),
+                    rank as isize,
+                    1,
+                    0.0,
+                    block.as_mut_ptr(),
+                    rank as isize,
+                    1,
+                );
             }
             *sq = sum_squares(block);
         });

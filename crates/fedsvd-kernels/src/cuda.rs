@@ -507,7 +507,7 @@ fn noise_grid(groups: usize) -> LaunchConfig {
     }
 }
 
-pub(crate) fn dev<'a>(b: &'a Buffer) -> Result<&'a CudaSlice<f32>> {
+pub(crate) fn dev(b: &Buffer) -> Result<&CudaSlice<f32>> {
     match &b.inner {
         BufferInner::Cuda(d) => Ok(&d.0),
         BufferInner::Host(_) => Err(Error::WrongBackend {
@@ -517,7 +517,7 @@ pub(crate) fn dev<'a>(b: &'a Buffer) -> Result<&'a CudaSlice<f32>> {
     }
 }
 
-pub(crate) fn dev_mut<'a>(b: &'a mut Buffer) -> Result<&'a mut CudaSlice<f32>> {
+pub(crate) fn dev_mut(b: &mut Buffer) -> Result<&mut CudaSlice<f32>> {
     match &mut b.inner {
         BufferInner::Cuda(d) => Ok(&mut d.0),
         BufferInner::Host(_) => Err(Error::WrongBackend {
