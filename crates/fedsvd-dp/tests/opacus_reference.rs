@@ -38,7 +38,7 @@ fn rows<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
 fn rdp_epsilon_rows_match_to_1e6_relative() {
     let v = reference();
     let acc = RdpAccountant::default();
-    let mut checked = 0;
+    let (mut checked, mut worst) = (0, 0.0f64);
     for row in rows(&v, "epsilon").iter().filter(|r| r["accountant"] == "rdp") {
         let h = [HistoryEntry::new(num(row, "sigma"), num(row, "q"), num(row, "steps") as u64).unwrap()];
         let ours = acc.epsilon(&h, num(row, "delta")).unwrap().epsilon;
@@ -47,8 +47,10 @@ fn rdp_epsilon_rows_match_to_1e6_relative() {
             (ours - theirs).abs() <= 1e-6 * theirs.abs(),
             "RDP row {row}: ours {ours}, Opacus {theirs}"
         );
+        worst = worst.max((ours - theirs).abs() / theirs.abs());
         checked += 1;
     }
+    eprintln!("RDP: {checked} rows, worst relative deviation {worst:.3e}");
     assert!(checked >= 20, "only {checked} RDP rows");
 }
 
@@ -56,22 +58,24 @@ fn rdp_epsilon_rows_match_to_1e6_relative() {
 fn prv_epsilon_rows_match_to_0_02_or_half_percent() {
     let v = reference();
     let acc = PrvAccountant::default();
-    let mut checked = 0;
+    let (mut checked, mut worst) = (0, 0.0f64);
     for row in rows(&v, "epsilon").iter().filter(|r| r["accountant"] == "prv") {
         let h = [HistoryEntry::new(num(row, "sigma"), num(row, "q"), num(row, "steps") as u64).unwrap()];
         let ours = acc.epsilon(&h, num(row, "delta")).unwrap().upper;
         let theirs = num(row, "epsilon");
         let tol = 0.02f64.max(0.005 * theirs);
         assert!((ours - theirs).abs() <= tol, "PRV row {row}: ours {ours}, Opacus {theirs}");
+        worst = worst.max((ours - theirs).abs());
         checked += 1;
     }
+    eprintln!("PRV: {checked} rows, worst absolute deviation {worst:.3e}");
     assert!(checked >= 20, "only {checked} PRV rows");
 }
 
 #[test]
 fn calibrated_noise_rows_match_to_1_percent() {
     let v = reference();
-    let mut checked = 0;
+    let (mut checked, mut worst) = (0, 0.0f64);
     for row in rows(&v, "noise_multiplier") {
         let kind: AccountantKind = row["accountant"].as_str().unwrap().parse().unwrap();
         let target = num(row, "target_epsilon");
@@ -90,7 +94,17 @@ fn calibrated_noise_rows_match_to_1_percent() {
         assert!(rel <= 0.01, "noise row {row}: ours {cal:?}, Opacus {theirs}");
         // The returned σ meets the target, within the tolerance below it.
         assert!(cal.epsilon <= target && cal.epsilon >= target - 0.01, "{cal:?}");
+        worst = worst.max(rel);
+        eprintln!(
+            "{kind} eps={target} q={} T={}: sigma {:.6} (Opacus {theirs:.6}), eps {:.5}, {} evaluations",
+            num(row, "q"),
+            num(row, "steps"),
+            cal.noise_multiplier,
+            cal.epsilon,
+            cal.evaluations
+        );
         checked += 1;
     }
+    eprintln!("noise: {checked} rows, worst relative deviation {worst:.3e}");
     assert!(checked >= 12, "only {checked} noise rows");
 }
