@@ -1,9 +1,60 @@
-//! A BERT-family encoder with LoRA adapters.
-//!
-//! Job: load HF checkpoints (`config.json` + `model.safetensors`), tokenize,
-//! run forward and backward passes, and return per-example gradients of the
-//! trainable parameters (LoRA factors and optionally the classifier head)
-//! and nothing else.
-//!
-//! Boundary: model math in f32; no network; knows nothing of federation or
-//! privacy accounting.
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod config;
+mod dp;
+mod error;
+mod grad;
+mod lora;
+mod model;
+mod ops;
+mod tokenizer;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::BertConfig;
+pub use dp::{DpSgdConfig, StepStats, dp_sgd_step};
+pub use error::{Error, Result};
+pub use grad::Gradients;
+pub use lora::{
+    Adapter, HeadConfig, LoraConfig, LoraState, ParamKind, ParamLayout, ParamSlot, Pooling, Target,
+};
+pub use model::{EvalMetrics, Model};
+pub use tokenizer::{Batch, Tokenizer};
+pub use weights::{BertWeights, LayerNorm, LayerWeights, Linear, write_safetensors};
+
+/// Folder name of the project's model under `assets/models/`.
+pub const MINILM_DIR: &str = "all-MiniLM-L6-v2";
+
+/// The assets folder: `$FEDSVD_ASSETS` when set, else `<workspace>/assets`.
+pub fn assets_dir() -> PathBuf {
+    match std::env::var_os("FEDSVD_ASSETS") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets"),
+    }
+}
+
+/// The MiniLM model folder, or an error naming the fetch command when its
+/// files are missing.
+pub fn minilm_dir() -> Result<PathBuf> {
+    let dir = assets_dir().join("models").join(MINILM_DIR);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !dir.join(f).is_file() {
+            return Err(Error::Io {
+                path: dir.join(f),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "model asset missing; run `cargo run -p fedsvd-cli -- assets fetch` \
+                     (or `fedsvd assets fetch`) first",
+                ),
+            });
+        }
+    }
+    Ok(dir)
+}
+
+/// Threads the model's parallel loops use (rayon's current pool).
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -1,0 +1,1323 @@
+//! The encoder forward pass, the classification head and the backward pass
+//! that yields per-example gradients of the trainable parameters only.
+
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::grad::{Factor, Gradients};
+use crate::lora::{HeadConfig, LoraConfig, LoraState, ParamKind, ParamLayout, Pooling, Target};
+use crate::ops::{self, View};
+use crate::tokenizer::Batch;
+use crate::weights::BertWeights;
+
+/// Accuracy and mean loss over an evaluation set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalMetrics {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction of examples whose arg-max logit is the label.
+    pub accuracy: f64,
+    /// Number of examples seen.
+    pub examples: usize,
+}
+
+/// A BERT sequence classifier with LoRA adapters: the frozen encoder (shared),
+/// the LoRA and head options. The trainable values live in a separate
+/// [`LoraState`] so one `Model` serves any number of clients.
+#[derive(Debug, Clone)]
+pub struct Model {
+    weights: Arc<BertWeights>,
+    lora: LoraConfig,
+    head: HeadConfig,
+}
+
+/// Token layout of a batch packed without padding: example `i` owns rows
+/// `offsets[i]..offsets[i + 1]` of every `[tokens, width]` matrix.
+struct Packing {
+    offsets: Vec<usize>,
+}
+
+impl Packing {
+    fn new(batch: &Batch) -> Self {
+        let mut offsets = Vec::with_capacity(batch.len() + 1);
+        offsets.push(0);
+        let mut t = 0;
+        for &l in &batch.lengths {
+            t += l;
+            offsets.push(t);
+        }
+        Packing { offsets }
+    }
+    fn tokens(&self) -> usize {
+        *self.offsets.last().unwrap_or(&0)
+    }
+    fn len(&self, i: usize) -> usize {
+        self.offsets[i + 1] - self.offsets[i]
+    }
+    fn examples(&self) -> usize {
+        self.offsets.len() - 1
+    }
+}
+
+/// Splits a `[rows, width]` buffer into one mutable slice per example.
+fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(offsets.len() - 1);
+    for w in offsets.windows(2) {
+        let (head, tail) = buf.split_at_mut((w[1] - w[0]) * width);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// What one adapter keeps for the backward pass.
+struct AdapterTape {
+    /// The dropout multipliers (0 or 1/(1-p)) of its input, in training.
+    mask: Option<Vec<f32>>,
+    /// `H = dropout(x) Aᵀ`, `[tokens, r]`.
+    h: Vec<f32>,
+}
+
+/// What one layer keeps for the backward pass.
+struct LayerTape {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    xhat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    y1: Vec<f32>,
+    gelu_d: Vec<f32>,
+    gelu_out: Option<Vec<f32>>,
+    xhat2: Vec<f32>,
+    rstd2: Vec<f32>,
+    adapters: Vec<(usize, AdapterTape)>,
+}
+
+/// Dropout of the adapters in a training pass.
+#[derive(Clone, Copy)]
+struct Dropout {
+    p: f32,
+    seed: u64,
+}
+
+fn mix(mut z: u64) -> u64 {
+    // SplitMix64 finalizer: decorrelates the seeds of neighbouring streams.
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Model {
+    /// A classifier over `weights` with the given adapters and head.
+    pub fn new(weights: Arc<BertWeights>, lora: LoraConfig, head: HeadConfig) -> Result<Self> {
+        lora.validate()?;
+        if head.num_labels == 0 {
+            return Err(Error::InvalidOption("num_labels must be at least 1".into()));
+        }
+        if head.pooling == Pooling::ClsPooler && weights.pooler.is_none() {
+            return Err(Error::MissingTensor {
+                name: "pooler.dense.weight (needed by the [CLS] pooler head; use mean pooling)"
+                    .into(),
+            });
+        }
+        let lora = LoraConfig {
+            targets: lora.sorted_targets(),
+            ..lora
+        };
+        Ok(Model {
+            weights,
+            lora,
+            head,
+        })
+    }
+
+    /// The frozen encoder.
+    pub fn weights(&self) -> &Arc<BertWeights> {
+        &self.weights
+    }
+
+    /// The LoRA options (targets sorted in canonical order).
+    pub fn lora_config(&self) -> &LoraConfig {
+        &self.lora
+    }
+
+    /// The head options.
+    pub fn head_config(&self) -> &HeadConfig {
+        &self.head
+    }
+
+    /// A fresh trainable state drawn from `seed` (see [`LoraState::init`]).
+    pub fn init_state(&self, seed: u64) -> Result<LoraState> {
+        LoraState::init(&self.weights.config, &self.lora, &self.head, seed)
+    }
+
+    /// The flat layout of the trainable parameters.
+    pub fn layout(&self, state: &LoraState) -> ParamLayout {
+        ParamLayout::new(
+            state,
+            &self.lora,
+            self.head.num_labels,
+            self.weights.config.hidden_size,
+        )
+    }
+
+    /// Checks that `state` has exactly the adapters and head this model expects.
+    pub fn check_state(&self, state: &LoraState) -> Result<()> {
+        let c = &self.weights.config;
+        let t = self.lora.targets.len();
+        if state.rank != self.lora.rank {
+            return Err(Error::InvalidOption(format!(
+                "state has rank {}, model expects {}",
+                state.rank, self.lora.rank
+            )));
+        }
+        if state.adapters.len() != c.num_hidden_layers * t {
+            return Err(Error::InvalidOption(format!(
+                "state has {} adapters, model expects {} ({} layers x {} targets)",
+                state.adapters.len(),
+                c.num_hidden_layers * t,
+                c.num_hidden_layers,
+                t
+            )));
+        }
+        for (i, ad) in state.adapters.iter().enumerate() {
+            let (layer, target) = (i / t, self.lora.targets[i % t]);
+            let (d_in, d_out) = target.dims(c);
+            if ad.layer != layer
+                || ad.target != target
+                || ad.d_in != d_in
+                || ad.d_out != d_out
+                || ad.a.len() != state.rank * d_in
+                || ad.b.len() != d_out * state.rank
+            {
+                return Err(Error::InvalidOption(format!(
+                    "adapter {i} should be layer {layer} `{}` with A [{}, {d_in}] and B [{d_out}, {}]",
+                    target.name(),
+                    state.rank,
+                    state.rank
+                )));
+            }
+            if ad.a.iter().chain(&ad.b).any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "adapter of layer {layer} `{}`",
+                    target.name()
+                )));
+            }
+        }
+        let want = self.head.num_labels * c.hidden_size;
+        if state.head_weight.len() != want || state.head_bias.len() != self.head.num_labels {
+            return Err(Error::LengthMismatch {
+                what: "classifier weight and bias".into(),
+                expected: want + self.head.num_labels,
+                found: state.head_weight.len() + state.head_bias.len(),
+            });
+        }
+        if state
+            .head_weight
+            .iter()
+            .chain(&state.head_bias)
+            .any(|v| !v.is_finite())
+        {
+            return Err(Error::NonFinite("classifier head".into()));
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let c = &self.weights.config;
+        let n = batch.len();
+        let total = n * batch.seq_len;
+        if batch.input_ids.len() != total
+            || batch.token_type_ids.len() != total
+            || batch.attention_mask.len() != total
+        {
+            return Err(Error::InvalidBatch(format!(
+                "arrays must hold {n} x {} values",
+                batch.seq_len
+            )));
+        }
+        if batch.seq_len > c.max_position_embeddings {
+            return Err(Error::InvalidBatch(format!(
+                "sequence length {} exceeds max_position_embeddings {}",
+                batch.seq_len, c.max_position_embeddings
+            )));
+        }
+        for i in 0..n {
+            let l = batch.lengths[i];
+            if l == 0 || l > batch.seq_len {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i} has length {l} (seq_len {})",
+                    batch.seq_len
+                )));
+            }
+            if let Some(&id) = batch.ids(i).iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i} has token id {id} >= vocab_size {}",
+                    c.vocab_size
+                )));
+            }
+            if let Some(&t) = batch
+                .type_ids(i)
+                .iter()
+                .find(|&&t| t as usize >= c.type_vocab_size)
+            {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i} has token type {t} >= type_vocab_size {}",
+                    c.type_vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Embeddings + LayerNorm of the packed tokens, `[tokens, h]`.
+    fn embed_tokens(&self, batch: &Batch, pack: &Packing) -> Vec<f32> {
+        let w = &self.weights;
+        let h = w.config.hidden_size;
+        let mut sum = vec![0.0f32; pack.tokens() * h];
+        let mut rows = split_rows(&mut sum, &pack.offsets, h);
+        rows.par_iter_mut().enumerate().for_each(|(i, rows)| {
+            for (p, (&id, &ty)) in batch.ids(i).iter().zip(batch.type_ids(i)).enumerate() {
+                let out = &mut rows[p * h..(p + 1) * h];
+                let we = &w.word_embeddings[id as usize * h..(id as usize + 1) * h];
+                let pe = &w.position_embeddings[p * h..(p + 1) * h];
+                let te = &w.token_type_embeddings[ty as usize * h..(ty as usize + 1) * h];
+                for j in 0..h {
+                    out[j] = we[j] + te[j] + pe[j];
+                }
+            }
+        });
+        let mut y = vec![0.0f32; sum.len()];
+        ops::layer_norm(
+            &sum,
+            &w.embeddings_ln.gamma,
+            &w.embeddings_ln.beta,
+            w.config.layer_norm_eps as f32,
+            &mut y,
+            None,
+        );
+        y
+    }
+
+    /// Applies the adapter `ad` to input `x` and adds its output to columns
+    /// `col0..col0 + d_out` of `y` (row stride `rsy`).
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_forward(
+        &self,
+        state: &LoraState,
+        index: usize,
+        x: &[f32],
+        y: &mut [f32],
+        rsy: usize,
+        col0: usize,
+        pack: &Packing,
+        dropout: Option<Dropout>,
+    ) -> AdapterTape {
+        let ad = &state.adapters[index];
+        let r = state.rank;
+        let n = pack.tokens();
+        let mask = dropout.filter(|d| d.p > 0.0).map(|d| {
+            let mut m = vec![0.0f32; n * ad.d_in];
+            let keep = 1.0 / (1.0 - d.p);
+            let mut rows = split_rows(&mut m, &pack.offsets, ad.d_in);
+            rows.par_iter_mut().enumerate().for_each(|(i, rows)| {
+                let seed = mix(d.seed ^ mix(((index as u64) << 32) | i as u64));
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                for v in rows.iter_mut() {
+                    *v = if rng.random::<f32>() < d.p { 0.0 } else { keep };
+                }
+            });
+            m
+        });
+        let xd_owned;
+        let xd: &[f32] = match &mask {
+            Some(m) => {
+                xd_owned = x.iter().zip(m).map(|(a, b)| a * b).collect::<Vec<f32>>();
+                &xd_owned
+            }
+            None => x,
+        };
+        let mut hbuf = vec![0.0f32; n * r];
+        ops::gemm(
+            n,
+            ad.d_in,
+            r,
+            1.0,
+            View::rm(xd, ad.d_in),
+            View::rm_t(&ad.a, ad.d_in),
+            0.0,
+            &mut hbuf,
+            r,
+            1,
+        );
+        ops::gemm(
+            n,
+            r,
+            ad.d_out,
+            self.lora.scale(),
+            View::rm(&hbuf, r),
+            View::rm_t(&ad.b, r),
+            1.0,
+            &mut y[col0..],
+            rsy,
+            1,
+        );
+        AdapterTape { mask, h: hbuf }
+    }
+
+    /// Backward of one adapter: records its gradient factors and adds its
+    /// contribution to the input gradient `dx` (if wanted). `dy` holds the
+    /// gradient of the projection output in columns `col0..col0 + d_out`
+    /// with row stride `rsy`.
+    #[allow(clippy::too_many_arguments)]
+    fn adapter_backward(
+        &self,
+        state: &LoraState,
+        index: usize,
+        tape: AdapterTape,
+        x: &[f32],
+        dy: &[f32],
+        rsy: usize,
+        col0: usize,
+        dx: Option<&mut [f32]>,
+        factors: &mut Vec<Factor>,
+        slots: &SlotIndex,
+    ) {
+        let ad = &state.adapters[index];
+        let r = state.rank;
+        let s = self.lora.scale();
+        let n = tape.h.len() / r;
+        let mut dyc = vec![0.0f32; n * ad.d_out];
+        dyc.par_chunks_mut(ad.d_out)
+            .zip(dy.par_chunks(rsy))
+            .for_each(|(d, src)| d.copy_from_slice(&src[col0..col0 + ad.d_out]));
+        // dH = s · dY B
+        let mut dh = vec![0.0f32; n * r];
+        ops::gemm(
+            n,
+            ad.d_out,
+            r,
+            s,
+            View::rm(&dyc, ad.d_out),
+            View::rm(&ad.b, r),
+            0.0,
+            &mut dh,
+            r,
+            1,
+        );
+        if let Some(dx) = dx {
+            match &tape.mask {
+                Some(m) => {
+                    let mut t = vec![0.0f32; n * ad.d_in];
+                    ops::gemm(
+                        n,
+                        r,
+                        ad.d_in,
+                        1.0,
+                        View::rm(&dh, r),
+                        View::rm(&ad.a, ad.d_in),
+                        0.0,
+                        &mut t,
+                        ad.d_in,
+                        1,
+                    );
+                    dx.par_chunks_mut(4096)
+                        .zip(t.par_chunks(4096).zip(m.par_chunks(4096)))
+                        .for_each(|(d, (t, m))| {
+                            for ((d, t), m) in d.iter_mut().zip(t).zip(m) {
+                                *d += t * m;
+                            }
+                        });
+                }
+                None => ops::gemm(
+                    n,
+                    r,
+                    ad.d_in,
+                    1.0,
+                    View::rm(&dh, r),
+                    View::rm(&ad.a, ad.d_in),
+                    1.0,
+                    dx,
+                    ad.d_in,
+                    1,
+                ),
+            }
+        }
+        if let Some(slot) = slots.a[index] {
+            let v = match &tape.mask {
+                Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
+                None => x.to_vec(),
+            };
+            factors.push(Factor {
+                slot,
+                u: dh,
+                du: r,
+                v,
+                dv: ad.d_in,
+                per_token: true,
+            });
+        }
+        if let Some(slot) = slots.b[index] {
+            dyc.par_iter_mut().for_each(|v| *v *= s);
+            factors.push(Factor {
+                slot,
+                u: dyc,
+                du: ad.d_out,
+                v: tape.h,
+                dv: r,
+                per_token: true,
+            });
+        }
+    }
+
+    /// One encoder layer. Returns the layer output and, when `keep`, what the
+    /// backward pass needs.
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: Vec<f32>,
+        state: Option<&LoraState>,
+        pack: &Packing,
+        dropout: Option<Dropout>,
+        keep: bool,
+    ) -> (Vec<f32>, Option<LayerTape>) {
+        let c = &self.weights.config;
+        let lw = &self.weights.layers[l];
+        let (h, ff) = (c.hidden_size, c.intermediate_size);
+        let n = pack.tokens();
+        let eps = c.layer_norm_eps as f32;
+        let t = self.lora.targets.len();
+        let mut adapter_tapes = Vec::new();
+        let adapters_here: Vec<(usize, Target)> = match state {
+            Some(_) => (0..t)
+                .map(|j| (l * t + j, self.lora.targets[j]))
+                .collect(),
+            None => Vec::new(),
+        };
+
+        let mut qkv = vec![0.0f32; n * 3 * h];
+        ops::linear(&x, &lw.qkv.weight, &lw.qkv.bias, h, 3 * h, &mut qkv);
+        for &(ai, target) in &adapters_here {
+            let col0 = match target {
+                Target::Query => 0,
+                Target::Key => h,
+                Target::Value => 2 * h,
+                _ => continue,
+            };
+            let tp = self.adapter_forward(
+                state.expect("adapters only with a state"),
+                ai,
+                &x,
+                &mut qkv,
+                3 * h,
+                col0,
+                pack,
+                dropout,
+            );
+            adapter_tapes.push((ai, tp));
+        }
+
+        // Scaled dot-product attention, one example at a time (no padding).
+        let nh = c.num_attention_heads;
+        let dh = c.head_dim();
+        let scale = 1.0 / (dh as f32).sqrt();
+        let poffs: Vec<usize> = {
+            let mut o = vec![0usize];
+            for i in 0..pack.examples() {
+                let li = pack.len(i);
+                o.push(o[i] + nh * li * li);
+            }
+            o
+        };
+        let mut probs = vec![0.0f32; *poffs.last().unwrap_or(&0)];
+        let mut ctx = vec![0.0f32; n * h];
+        {
+            let ctx_rows = split_rows(&mut ctx, &pack.offsets, h);
+            let prob_rows = split_rows(&mut probs, &poffs, 1);
+            ctx_rows
+                .into_par_iter()
+                .zip(prob_rows)
+                .enumerate()
+                .for_each(|(i, (cr, pr))| {
+                    let li = pack.len(i);
+                    let q = &qkv[pack.offsets[i] * 3 * h..pack.offsets[i + 1] * 3 * h];
+                    for hd in 0..nh {
+                        let p = &mut pr[hd * li * li..(hd + 1) * li * li];
+                        ops::gemm(
+                            li,
+                            dh,
+                            li,
+                            scale,
+                            View {
+                                data: &q[hd * dh..],
+                                rs: 3 * h,
+                                cs: 1,
+                            },
+                            View {
+                                data: &q[h + hd * dh..],
+                                rs: 1,
+                                cs: 3 * h,
+                            },
+                            0.0,
+                            p,
+                            li,
+                            1,
+                        );
+                        for row in p.chunks_exact_mut(li) {
+                            ops::softmax_row(row);
+                        }
+                        ops::gemm(
+                            li,
+                            li,
+                            dh,
+                            1.0,
+                            View::rm(p, li),
+                            View {
+                                data: &q[2 * h + hd * dh..],
+                                rs: 3 * h,
+                                cs: 1,
+                            },
+                            0.0,
+                            &mut cr[hd * dh..],
+                            h,
+                            1,
+                        );
+                    }
+                });
+        }
+
+        let mut r1 = vec![0.0f32; n * h];
+        ops::linear(&ctx, &lw.attn_out.weight, &lw.attn_out.bias, h, h, &mut r1);
+        for &(ai, target) in &adapters_here {
+            if target == Target::AttentionOutput {
+                let tp = self.adapter_forward(
+                    state.expect("adapters only with a state"),
+                    ai,
+                    &ctx,
+                    &mut r1,
+                    h,
+                    0,
+                    pack,
+                    dropout,
+                );
+                adapter_tapes.push((ai, tp));
+            }
+        }
+        r1.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        let mut y1 = vec![0.0f32; n * h];
+        let (mut xhat1, mut rstd1) = if keep {
+            (vec![0.0f32; n * h], vec![0.0f32; n])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        ops::layer_norm(
+            &r1,
+            &lw.attn_ln.gamma,
+            &lw.attn_ln.beta,
+            eps,
+            &mut y1,
+            keep.then_some((&mut xhat1[..], &mut rstd1[..])),
+        );
+        drop(r1);
+
+        let mut inter = vec![0.0f32; n * ff];
+        ops::linear(
+            &y1,
+            &lw.intermediate.weight,
+            &lw.intermediate.bias,
+            h,
+            ff,
+            &mut inter,
+        );
+        for &(ai, target) in &adapters_here {
+            if target == Target::Intermediate {
+                let tp = self.adapter_forward(
+                    state.expect("adapters only with a state"),
+                    ai,
+                    &y1,
+                    &mut inter,
+                    ff,
+                    0,
+                    pack,
+                    dropout,
+                );
+                adapter_tapes.push((ai, tp));
+            }
+        }
+        let mut gelu_d = if keep {
+            vec![0.0f32; n * ff]
+        } else {
+            Vec::new()
+        };
+        ops::gelu(&mut inter, keep.then_some(&mut gelu_d[..]));
+
+        let mut r2 = vec![0.0f32; n * h];
+        ops::linear(&inter, &lw.output.weight, &lw.output.bias, ff, h, &mut r2);
+        let mut output_adapter = false;
+        for &(ai, target) in &adapters_here {
+            if target == Target::Output {
+                output_adapter = true;
+                let tp = self.adapter_forward(
+                    state.expect("adapters only with a state"),
+                    ai,
+                    &inter,
+                    &mut r2,
+                    h,
+                    0,
+                    pack,
+                    dropout,
+                );
+                adapter_tapes.push((ai, tp));
+            }
+        }
+        r2.par_chunks_mut(4096)
+            .zip(y1.par_chunks(4096))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        let mut out = vec![0.0f32; n * h];
+        let (mut xhat2, mut rstd2) = if keep {
+            (vec![0.0f32; n * h], vec![0.0f32; n])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        ops::layer_norm(
+            &r2,
+            &lw.output_ln.gamma,
+            &lw.output_ln.beta,
+            eps,
+            &mut out,
+            keep.then_some((&mut xhat2[..], &mut rstd2[..])),
+        );
+        let tape = keep.then(|| LayerTape {
+            x,
+            qkv,
+            probs,
+            ctx,
+            xhat1,
+            rstd1,
+            y1,
+            gelu_d,
+            gelu_out: output_adapter.then_some(inter),
+            xhat2,
+            rstd2,
+            adapters: adapter_tapes,
+        });
+        (out, tape)
+    }
+
+    /// Backward of one layer: takes the gradient of its output, returns the
+    /// gradient of its input when `need_dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        l: usize,
+        tape: LayerTape,
+        mut dy: Vec<f32>,
+        state: &LoraState,
+        pack: &Packing,
+        need_dx: bool,
+        factors: &mut Vec<Factor>,
+        slots: &SlotIndex,
+    ) -> Option<Vec<f32>> {
+        let c = &self.weights.config;
+        let lw = &self.weights.layers[l];
+        let (h, ff) = (c.hidden_size, c.intermediate_size);
+        let n = pack.tokens();
+        let LayerTape {
+            x,
+            qkv,
+            probs,
+            ctx,
+            xhat1,
+            rstd1,
+            y1,
+            gelu_d,
+            gelu_out,
+            xhat2,
+            rstd2,
+            adapters,
+        } = tape;
+        let mut tapes: Vec<Option<(usize, AdapterTape)>> = adapters.into_iter().map(Some).collect();
+        let mut take = |target: Target| -> Option<(usize, AdapterTape)> {
+            let pos = tapes.iter().position(|t| {
+                t.as_ref()
+                    .is_some_and(|(ai, _)| state.adapters[*ai].target == target)
+            })?;
+            tapes[pos].take()
+        };
+
+        // Output LayerNorm and output.dense.
+        ops::layer_norm_backward(&mut dy, &xhat2, &rstd2, &lw.output_ln.gamma);
+        let dr2 = dy;
+        let mut dg = vec![0.0f32; n * ff];
+        ops::linear_backward(&dr2, &lw.output.weight, ff, h, &mut dg, false);
+        if let Some((ai, tp)) = take(Target::Output) {
+            let g = gelu_out.as_deref().unwrap_or(&[]);
+            self.adapter_backward(
+                state,
+                ai,
+                tp,
+                g,
+                &dr2,
+                h,
+                0,
+                Some(&mut dg),
+                factors,
+                slots,
+            );
+        }
+        dg.par_chunks_mut(4096)
+            .zip(gelu_d.par_chunks(4096))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a *= b));
+        let di = dg;
+
+        // intermediate.dense and the residual around the feed-forward block.
+        let mut dy1 = dr2;
+        ops::linear_backward(&di, &lw.intermediate.weight, h, ff, &mut dy1, true);
+        if let Some((ai, tp)) = take(Target::Intermediate) {
+            self.adapter_backward(
+                state,
+                ai,
+                tp,
+                &y1,
+                &di,
+                ff,
+                0,
+                Some(&mut dy1),
+                factors,
+                slots,
+            );
+        }
+        drop(di);
+        ops::layer_norm_backward(&mut dy1, &xhat1, &rstd1, &lw.attn_ln.gamma);
+        let dr1 = dy1;
+
+        // attention.output.dense.
+        let mut dctx = vec![0.0f32; n * h];
+        ops::linear_backward(&dr1, &lw.attn_out.weight, h, h, &mut dctx, false);
+        if let Some((ai, tp)) = take(Target::AttentionOutput) {
+            self.adapter_backward(
+                state,
+                ai,
+                tp,
+                &ctx,
+                &dr1,
+                h,
+                0,
+                Some(&mut dctx),
+                factors,
+                slots,
+            );
+        }
+
+        // Attention.
+        let nh = c.num_attention_heads;
+        let dh = c.head_dim();
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut poffs = vec![0usize];
+        for i in 0..pack.examples() {
+            let li = pack.len(i);
+            poffs.push(poffs[i] + nh * li * li);
+        }
+        let mut dqkv = vec![0.0f32; n * 3 * h];
+        {
+            let rows = split_rows(&mut dqkv, &pack.offsets, 3 * h);
+            rows.into_par_iter().enumerate().for_each(|(i, dq)| {
+                let li = pack.len(i);
+                let o = pack.offsets[i];
+                let q = &qkv[o * 3 * h..(o + li) * 3 * h];
+                let dc = &dctx[o * h..(o + li) * h];
+                let mut dp = vec![0.0f32; li * li];
+                for hd in 0..nh {
+                    let p = &probs[poffs[i] + hd * li * li..poffs[i] + (hd + 1) * li * li];
+                    // dP = dC_h V_hᵀ
+                    ops::gemm(
+                        li,
+                        dh,
+                        li,
+                        1.0,
+                        View {
+                            data: &dc[hd * dh..],
+                            rs: h,
+                            cs: 1,
+                        },
+                        View {
+                            data: &q[2 * h + hd * dh..],
+                            rs: 1,
+                            cs: 3 * h,
+                        },
+                        0.0,
+                        &mut dp,
+                        li,
+                        1,
+                    );
+                    // dV_h = Pᵀ dC_h
+                    ops::gemm(
+                        li,
+                        li,
+                        dh,
+                        1.0,
+                        View::rm_t(p, li),
+                        View {
+                            data: &dc[hd * dh..],
+                            rs: h,
+                            cs: 1,
+                        },
+                        0.0,
+                        &mut dq[2 * h + hd * dh..],
+                        3 * h,
+                        1,
+                    );
+                    // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
+                    for (dpr, pr) in dp.chunks_exact_mut(li).zip(p.chunks_exact(li)) {
+                        let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (d, pv) in dpr.iter_mut().zip(pr) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                    }
+                    // dQ_h = dS K_h ; dK_h = dSᵀ Q_h
+                    ops::gemm(
+                        li,
+                        li,
+                        dh,
+                        1.0,
+                        View::rm(&dp, li),
+                        View {
+                            data: &q[h + hd * dh..],
+                            rs: 3 * h,
+                            cs: 1,
+                        },
+                        0.0,
+                        &mut dq[hd * dh..],
+                        3 * h,
+                        1,
+                    );
+                    ops::gemm(
+                        li,
+                        li,
+                        dh,
+                        1.0,
+                        View::rm_t(&dp, li),
+                        View {
+                            data: &q[hd * dh..],
+                            rs: 3 * h,
+                            cs: 1,
+                        },
+                        0.0,
+                        &mut dq[h + hd * dh..],
+                        3 * h,
+                        1,
+                    );
+                }
+            });
+        }
+        drop(dctx);
+        drop(probs);
+
+        // Query/key/value projections and the residual around attention.
+        let mut dx = if need_dx {
+            let mut dx = dr1;
+            ops::linear_backward(&dqkv, &lw.qkv.weight, h, 3 * h, &mut dx, true);
+            Some(dx)
+        } else {
+            None
+        };
+        for (target, col0) in [(Target::Query, 0), (Target::Key, h), (Target::Value, 2 * h)] {
+            if let Some((ai, tp)) = take(target) {
+                self.adapter_backward(
+                    state,
+                    ai,
+                    tp,
+                    &x,
+                    &dqkv,
+                    3 * h,
+                    col0,
+                    dx.as_deref_mut(),
+                    factors,
+                    slots,
+                );
+            }
+        }
+        dx
+    }
+
+    /// Final hidden states `[tokens, h]` of the packed batch, and the tapes
+    /// when `keep`.
+    fn encode(
+        &self,
+        state: Option<&LoraState>,
+        batch: &Batch,
+        pack: &Packing,
+        dropout: Option<Dropout>,
+        keep_from: Option<usize>,
+    ) -> (Vec<f32>, Vec<LayerTape>) {
+        let mut x = self.embed_tokens(batch, pack);
+        let mut tapes = Vec::new();
+        for l in 0..self.weights.layers.len() {
+            let keep = keep_from.is_some_and(|k| l >= k);
+            let (y, tape) = self.layer_forward(l, x, state, pack, dropout, keep);
+            if let Some(t) = tape {
+                tapes.push(t);
+            }
+            x = y;
+        }
+        (x, tapes)
+    }
+
+    /// `[batch, h]` pooled features (after the pooler's tanh for
+    /// [`Pooling::ClsPooler`]).
+    fn pool(&self, hidden: &[f32], pack: &Packing) -> Vec<f32> {
+        let h = self.weights.config.hidden_size;
+        let b = pack.examples();
+        match self.head.pooling {
+            Pooling::Mean => mean_pool(hidden, pack, h),
+            Pooling::ClsPooler => {
+                let pooler = self
+                    .weights
+                    .pooler
+                    .as_ref()
+                    .expect("Model::new checks the pooler exists");
+                let mut cls = vec![0.0f32; b * h];
+                for i in 0..b {
+                    let o = pack.offsets[i];
+                    cls[i * h..(i + 1) * h].copy_from_slice(&hidden[o * h..(o + 1) * h]);
+                }
+                let mut p = vec![0.0f32; b * h];
+                ops::linear(&cls, &pooler.weight, &pooler.bias, h, h, &mut p);
+                p.iter_mut().for_each(|v| *v = v.tanh());
+                p
+            }
+        }
+    }
+
+    fn classify(&self, state: &LoraState, pooled: &[f32], b: usize) -> Vec<f32> {
+        let h = self.weights.config.hidden_size;
+        let mut logits = vec![0.0f32; b * self.head.num_labels];
+        ops::linear(
+            pooled,
+            &state.head_weight,
+            &state.head_bias,
+            h,
+            self.head.num_labels,
+            &mut logits,
+        );
+        logits
+    }
+
+    /// Logits `[batch, num_labels]` in evaluation mode (no dropout).
+    pub fn logits(&self, state: &LoraState, batch: &Batch) -> Result<Vec<f32>> {
+        self.check_state(state)?;
+        self.check_batch(batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pack = Packing::new(batch);
+        let (hidden, _) = self.encode(Some(state), batch, &pack, None, None);
+        let pooled = self.pool(&hidden, &pack);
+        Ok(self.classify(state, &pooled, batch.len()))
+    }
+
+    /// Final hidden states of the real tokens, packed `[tokens, h]` (example
+    /// `i`'s rows follow example `i − 1`'s), with the adapters of `state` if given.
+    pub fn hidden_states(&self, state: Option<&LoraState>, batch: &Batch) -> Result<Vec<f32>> {
+        if let Some(s) = state {
+            self.check_state(s)?;
+        }
+        self.check_batch(batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pack = Packing::new(batch);
+        Ok(self.encode(state, batch, &pack, None, None).0)
+    }
+
+    /// Sentence embeddings `[batch, h]`: mean of the final hidden states over
+    /// the real tokens, L2-normalized (sentence-transformers' recipe).
+    pub fn embed(&self, state: Option<&LoraState>, batch: &Batch) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(state, batch)?;
+        let h = self.weights.config.hidden_size;
+        let mut e = mean_pool(&hidden, &Packing::new(batch), h);
+        for row in e.chunks_exact_mut(h) {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= norm);
+        }
+        Ok(e)
+    }
+
+    fn check_labels(&self, batch: &Batch, labels: &[usize]) -> Result<()> {
+        if labels.len() != batch.len() {
+            return Err(Error::LengthMismatch {
+                what: "labels".into(),
+                expected: batch.len(),
+                found: labels.len(),
+            });
+        }
+        if let Some(&y) = labels.iter().find(|&&y| y >= self.head.num_labels) {
+            return Err(Error::InvalidBatch(format!(
+                "label {y} out of range for {} classes",
+                self.head.num_labels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward and backward pass in training mode. The loss of example `i` is
+    /// its cross-entropy; the returned [`Gradients`] gives the gradient of
+    /// every trainable tensor for every example separately (and their sum,
+    /// which is the gradient of the summed loss). Frozen weights get no
+    /// gradient. `dropout_seed` draws the LoRA dropout masks (`None`: no
+    /// dropout, e.g. for gradient checks).
+    pub fn gradients(
+        &self,
+        state: &LoraState,
+        batch: &Batch,
+        labels: &[usize],
+        dropout_seed: Option<u64>,
+    ) -> Result<Gradients> {
+        self.check_state(state)?;
+        self.check_batch(batch)?;
+        self.check_labels(batch, labels)?;
+        let layout = self.layout(state);
+        let slots = SlotIndex::new(&layout, state.adapters.len());
+        let pack = Packing::new(batch);
+        let b = batch.len();
+        let h = self.weights.config.hidden_size;
+        let k = self.head.num_labels;
+        let dropout = dropout_seed.map(|seed| Dropout {
+            p: self.lora.dropout,
+            seed,
+        });
+        // Layers below the lowest trainable adapter need no backward pass.
+        let adapters_train = self.lora.train_a || self.lora.train_b;
+        let lowest = if adapters_train && !self.lora.targets.is_empty() {
+            Some(0)
+        } else {
+            None
+        };
+        let (hidden, tapes) = if b == 0 {
+            (Vec::new(), Vec::new())
+        } else {
+            self.encode(Some(state), batch, &pack, dropout, lowest)
+        };
+        let pooled = if b == 0 {
+            Vec::new()
+        } else {
+            self.pool(&hidden, &pack)
+        };
+        let logits = self.classify(state, &pooled, b);
+
+        let mut losses = vec![0.0f32; b];
+        let mut dlogits = vec![0.0f32; b * k];
+        for i in 0..b {
+            let z = &logits[i * k..(i + 1) * k];
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
+            let lse = max + sum.ln();
+            losses[i] = lse - z[labels[i]];
+            for j in 0..k {
+                dlogits[i * k + j] = (z[j] - lse).exp() - if j == labels[i] { 1.0 } else { 0.0 };
+            }
+        }
+
+        let mut factors = Vec::new();
+        if let Some(slot) = slots.head_weight {
+            factors.push(Factor {
+                slot,
+                u: dlogits.clone(),
+                du: k,
+                v: pooled.clone(),
+                dv: h,
+                per_token: false,
+            });
+        }
+        if let Some(slot) = slots.head_bias {
+            factors.push(Factor {
+                slot,
+                u: dlogits.clone(),
+                du: k,
+                v: vec![1.0; b],
+                dv: 1,
+                per_token: false,
+            });
+        }
+
+        if lowest.is_some() && b > 0 {
+            // Gradient of the pooled features, then of the final hidden states.
+            let mut dp = vec![0.0f32; b * h];
+            ops::gemm(
+                b,
+                k,
+                h,
+                1.0,
+                View::rm(&dlogits, k),
+                View::rm(&state.head_weight, h),
+                0.0,
+                &mut dp,
+                h,
+                1,
+            );
+            let n = pack.tokens();
+            let mut dy = vec![0.0f32; n * h];
+            match self.head.pooling {
+                Pooling::Mean => {
+                    for i in 0..b {
+                        let inv = 1.0 / pack.len(i) as f32;
+                        for t in pack.offsets[i]..pack.offsets[i + 1] {
+                            for j in 0..h {
+                                dy[t * h + j] = dp[i * h + j] * inv;
+                            }
+                        }
+                    }
+                }
+                Pooling::ClsPooler => {
+                    let pooler = self
+                        .weights
+                        .pooler
+                        .as_ref()
+                        .expect("Model::new checks the pooler exists");
+                    for (d, p) in dp.iter_mut().zip(&pooled) {
+                        *d *= 1.0 - p * p;
+                    }
+                    let mut dcls = vec![0.0f32; b * h];
+                    ops::linear_backward(&dp, &pooler.weight, h, h, &mut dcls, false);
+                    for i in 0..b {
+                        let o = pack.offsets[i];
+                        dy[o * h..(o + 1) * h].copy_from_slice(&dcls[i * h..(i + 1) * h]);
+                    }
+                }
+            }
+            let first = lowest.unwrap_or(0);
+            let mut tapes = tapes;
+            let mut l = self.weights.layers.len();
+            while let Some(tape) = tapes.pop() {
+                l -= 1;
+                let need_dx = l > first;
+                match self.layer_backward(l, tape, dy, state, &pack, need_dx, &mut factors, &slots) {
+                    Some(d) => dy = d,
+                    None => break,
+                }
+            }
+        }
+        Ok(Gradients::new(
+            layout,
+            factors,
+            pack.offsets,
+            logits,
+            losses,
+        ))
+    }
+
+    /// Per-example gradients, `[batch, P]` in the [`ParamLayout`] order.
+    pub fn per_example_gradients(
+        &self,
+        state: &LoraState,
+        batch: &Batch,
+        labels: &[usize],
+        dropout_seed: Option<u64>,
+    ) -> Result<Vec<f32>> {
+        Ok(self
+            .gradients(state, batch, labels, dropout_seed)?
+            .per_example())
+    }
+
+    /// `Σ_i min(1, C/(‖g_i‖ + 1e-6)) g_i` and the per-example norms `‖g_i‖`,
+    /// without materializing all per-example gradients.
+    pub fn clipped_gradient_sum(
+        &self,
+        state: &LoraState,
+        batch: &Batch,
+        labels: &[usize],
+        clip: f32,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.gradients(state, batch, labels, dropout_seed)?
+            .clipped_sum(clip)
+    }
+
+    /// Mean loss and accuracy over labelled batches, in evaluation mode.
+    pub fn evaluate<'a, I>(&self, state: &LoraState, batches: I) -> Result<EvalMetrics>
+    where
+        I: IntoIterator<Item = (&'a Batch, &'a [usize])>,
+    {
+        let k = self.head.num_labels;
+        let (mut loss, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        for (batch, labels) in batches {
+            self.check_labels(batch, labels)?;
+            let logits = self.logits(state, batch)?;
+            for (z, &y) in logits.chunks_exact(k).zip(labels) {
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max as f64
+                    + z.iter()
+                        .map(|v| ((v - max) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
+                loss += lse - z[y] as f64;
+                let arg = z
+                    .iter()
+                    .enumerate()
+                    .fold(0, |best, (j, v)| if *v > z[best] { j } else { best });
+                correct += usize::from(arg == y);
+                seen += 1;
+            }
+        }
+        if seen == 0 {
+            return Err(Error::InvalidBatch("evaluation set is empty".into()));
+        }
+        Ok(EvalMetrics {
+            loss: loss / seen as f64,
+            accuracy: correct as f64 / seen as f64,
+            examples: seen,
+        })
+    }
+}
+
+fn mean_pool(hidden: &[f32], pack: &Packing, h: usize) -> Vec<f32> {
+    let b = pack.examples();
+    let mut out = vec![0.0f32; b * h];
+    for i in 0..b {
+        let row = &mut out[i * h..(i + 1) * h];
+        for t in pack.offsets[i]..pack.offsets[i + 1] {
+            for j in 0..h {
+                row[j] += hidden[t * h + j];
+            }
+        }
+        let inv = 1.0 / pack.len(i) as f32;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+    out
+}
+
+/// Maps adapters to their slots in the layout.
+pub(crate) struct SlotIndex {
+    a: Vec<Option<usize>>,
+    b: Vec<Option<usize>>,
+    head_weight: Option<usize>,
+    head_bias: Option<usize>,
+}
+
+impl SlotIndex {
+    fn new(layout: &ParamLayout, adapters: usize) -> Self {
+        let mut s = SlotIndex {
+            a: vec![None; adapters],
+            b: vec![None; adapters],
+            head_weight: None,
+            head_bias: None,
+        };
+        for (i, slot) in layout.slots.iter().enumerate() {
+            match slot.kind {
+                ParamKind::A(j) => s.a[j] = Some(i),
+                ParamKind::B(j) => s.b[j] = Some(i),
+                ParamKind::HeadWeight => s.head_weight = Some(i),
+                ParamKind::HeadBias => s.head_bias = Some(i),
+            }
+        }
+        s
+    }
+}
