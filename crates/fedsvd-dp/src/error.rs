@@ -87,7 +87,9 @@ pub enum Error {
         epsilon_at_max: f64,
     },
     /// Calibration did not converge within its iteration limit.
-    #[error("noise calibration did not converge to within {tolerance} below epsilon = {target_epsilon}")]
+    #[error(
+        "noise calibration did not converge to within {tolerance} below epsilon = {target_epsilon}"
+    )]
     CalibrationDidNotConverge {
         /// The target.
         target_epsilon: f64,

@@ -31,7 +31,8 @@ struct RawLedger {
 impl TryFrom<RawLedger> for PrivacyLedger {
     type Error = Error;
     fn try_from(raw: RawLedger) -> Result<Self> {
-        let mut ledger = PrivacyLedger::new(raw.party, raw.budget_epsilon, raw.delta, raw.accountant)?;
+        let mut ledger =
+            PrivacyLedger::new(raw.party, raw.budget_epsilon, raw.delta, raw.accountant)?;
         ledger.history = raw.history;
         Ok(ledger)
     }
@@ -198,7 +199,10 @@ mod tests {
         let back: PrivacyLedger = serde_json::from_str(&json).unwrap();
         assert_eq!(back, l);
         let bad = json.replace("1e-5", "2.0").replace("0.00001", "2.0");
-        assert!(serde_json::from_str::<PrivacyLedger>(&bad).is_err(), "{bad}");
+        assert!(
+            serde_json::from_str::<PrivacyLedger>(&bad).is_err(),
+            "{bad}"
+        );
         assert!(PrivacyLedger::new("c", f64::NAN, 1e-5, AccountantKind::Rdp).is_err());
         assert!(PrivacyLedger::new("c", 1.0, 0.0, AccountantKind::Rdp).is_err());
     }

@@ -1,12 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
-//! Privacy accounting for DP-SGD.
-//!
-//! Job: the Rényi-DP and PRV accountants of the Poisson-subsampled Gaussian
-//! mechanism, calibration of the noise multiplier to a target (ε, δ), and a
-//! serializable per-party ledger of the privacy spent.
-//!
-//! Boundary: pure computation, no IO, no other fedsvd crate.
+// Job: the Rényi-DP and PRV accountants of the Poisson-subsampled Gaussian
+// mechanism, calibration of the noise multiplier to a target (ε, δ), and a
+// serializable per-party ledger of the privacy spent.
+// Boundary: pure computation, no IO, no other fedsvd crate.
 
 mod accountant;
 mod calibrate;
@@ -17,10 +14,12 @@ pub mod prv;
 pub mod rdp;
 pub mod special;
 
+pub use accountant::{Accountant, AccountantKind, Spent};
+pub use calibrate::{
+    Calibration, DEFAULT_EPSILON_TOLERANCE, MAX_NOISE_MULTIPLIER, calibrate_noise,
+};
 pub use error::{Error, Result};
 pub use history::{HistoryEntry, total_steps};
+pub use ledger::PrivacyLedger;
 pub use prv::{ComposedPrv, PrvAccountant, PrvDelta, PrvEpsilon};
 pub use rdp::{RdpAccountant, RdpDelta, RdpEpsilon, default_orders};
-pub use accountant::{Accountant, AccountantKind, Spent};
-pub use calibrate::{Calibration, DEFAULT_EPSILON_TOLERANCE, MAX_NOISE_MULTIPLIER, calibrate_noise};
-pub use ledger::PrivacyLedger;

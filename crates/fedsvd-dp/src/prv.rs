@@ -627,7 +627,7 @@ fn discretize(entry: &HistoryEntry, grid: &Grid, pmf: &mut [f64]) -> Result<f64>
     let first = loss.cdf(t_min);
     let last = loss.cdf(t_max);
     let mass = StepLoss::probability(first, last);
-    if !(mass > 0.0) {
+    if mass.is_nan() || mass <= 0.0 {
         return Err(Error::Numerical {
             context: "PRV discretization",
             detail: format!(
@@ -661,7 +661,7 @@ fn discretize(entry: &HistoryEntry, grid: &Grid, pmf: &mut [f64]) -> Result<f64>
     let mean_d = mean_d + comp;
     let mean_c = loss.partial_mean(t_min, t_max) / mass;
     let shift = mean_c - mean_d;
-    if !(shift.abs() < dt / 2.0) {
+    if shift.is_nan() || shift.abs() >= dt / 2.0 {
         return Err(Error::MeanShiftTooLarge {
             shift,
             half_cell: dt / 2.0,
@@ -687,7 +687,7 @@ mod tests {
             assert!(s >= m && s < m + m / 10 + 2);
             let mut r = s;
             for p in [2, 3, 5] {
-                while r % p == 0 {
+                while r.is_multiple_of(p) {
                     r /= p;
                 }
             }
@@ -765,7 +765,10 @@ mod tests {
         for eps in [0.1, 0.5, 1.0, 2.0] {
             let exact = phi(-eps / mu + mu / 2.0) - eps.exp() * phi(-eps / mu - mu / 2.0);
             let ours = composed.delta_estimate(eps);
-            assert!((ours - exact).abs() < 1e-4 * exact + 1e-9, "eps {eps}: {ours} vs {exact}");
+            assert!(
+                (ours - exact).abs() < 1e-4 * exact + 1e-9,
+                "eps {eps}: {ours} vs {exact}"
+            );
         }
         // And many steps: T Gaussian steps are one Gaussian with σ/√T.
         let steps = 16u64;
@@ -775,7 +778,10 @@ mod tests {
         for eps in [1.0, 3.0, 6.0] {
             let exact = phi(-eps / mu + mu / 2.0) - eps.exp() * phi(-eps / mu - mu / 2.0);
             let ours = composed.delta_estimate(eps);
-            assert!((ours - exact).abs() < 2e-3 * exact + 1e-9, "eps {eps}: {ours} vs {exact}");
+            assert!(
+                (ours - exact).abs() < 2e-3 * exact + 1e-9,
+                "eps {eps}: {ours} vs {exact}"
+            );
         }
     }
 }

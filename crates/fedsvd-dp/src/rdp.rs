@@ -62,7 +62,8 @@ pub(crate) fn step_rdp(q: f64, sigma: f64, alpha: f64) -> Result<f64> {
             detail: format!("NaN for sigma = {sigma}, q = {q}, alpha = {alpha}"),
         });
     }
-    Ok(value)
+    // RDP is non-negative; rounding can leave −1e-15 for very large σ.
+    Ok(value.max(0.0))
 }
 
 /// log A_α for integer α: Σ_i C(α, i) (1−q)^{α−i} q^i exp((i² − i)/(2σ²)).
@@ -323,7 +324,10 @@ mod tests {
             for &a in &[2.0, 5.0, 9.0] {
                 let at = rdp_per_step(sigma, q, a).unwrap();
                 let just = rdp_per_step(sigma, q, a + 1e-7).unwrap();
-                assert!((at - just).abs() < 1e-5 * at.max(1e-12), "{sigma} {q} {a}: {at} {just}");
+                assert!(
+                    (at - just).abs() < 1e-5 * at.max(1e-12),
+                    "{sigma} {q} {a}: {at} {just}"
+                );
                 let below = rdp_per_step(sigma, q, a - 0.5).unwrap();
                 let above = rdp_per_step(sigma, q, a + 0.5).unwrap();
                 assert!(below < at && at < above);
@@ -346,7 +350,10 @@ mod tests {
                 }
                 let (l, s) = ln_abs_binomial(alpha, i);
                 assert_eq!(s, sign, "alpha {alpha} i {i}");
-                assert!((l - ln_coef).abs() < 1e-11 * l.abs().max(1.0), "alpha {alpha} i {i}");
+                assert!(
+                    (l - ln_coef).abs() < 1e-11 * l.abs().max(1.0),
+                    "alpha {alpha} i {i}"
+                );
             }
         }
     }

@@ -39,8 +39,13 @@ fn rdp_epsilon_rows_match_to_1e6_relative() {
     let v = reference();
     let acc = RdpAccountant::default();
     let (mut checked, mut worst) = (0, 0.0f64);
-    for row in rows(&v, "epsilon").iter().filter(|r| r["accountant"] == "rdp") {
-        let h = [HistoryEntry::new(num(row, "sigma"), num(row, "q"), num(row, "steps") as u64).unwrap()];
+    for row in rows(&v, "epsilon")
+        .iter()
+        .filter(|r| r["accountant"] == "rdp")
+    {
+        let h = [
+            HistoryEntry::new(num(row, "sigma"), num(row, "q"), num(row, "steps") as u64).unwrap(),
+        ];
         let ours = acc.epsilon(&h, num(row, "delta")).unwrap().epsilon;
         let theirs = num(row, "epsilon");
         assert!(
@@ -59,12 +64,20 @@ fn prv_epsilon_rows_match_to_0_02_or_half_percent() {
     let v = reference();
     let acc = PrvAccountant::default();
     let (mut checked, mut worst) = (0, 0.0f64);
-    for row in rows(&v, "epsilon").iter().filter(|r| r["accountant"] == "prv") {
-        let h = [HistoryEntry::new(num(row, "sigma"), num(row, "q"), num(row, "steps") as u64).unwrap()];
+    for row in rows(&v, "epsilon")
+        .iter()
+        .filter(|r| r["accountant"] == "prv")
+    {
+        let h = [
+            HistoryEntry::new(num(row, "sigma"), num(row, "q"), num(row, "steps") as u64).unwrap(),
+        ];
         let ours = acc.epsilon(&h, num(row, "delta")).unwrap().upper;
         let theirs = num(row, "epsilon");
         let tol = 0.02f64.max(0.005 * theirs);
-        assert!((ours - theirs).abs() <= tol, "PRV row {row}: ours {ours}, Opacus {theirs}");
+        assert!(
+            (ours - theirs).abs() <= tol,
+            "PRV row {row}: ours {ours}, Opacus {theirs}"
+        );
         worst = worst.max((ours - theirs).abs());
         checked += 1;
     }
@@ -91,9 +104,15 @@ fn calibrated_noise_rows_match_to_1_percent() {
         .unwrap();
         let theirs = num(row, "sigma");
         let rel = (cal.noise_multiplier - theirs).abs() / theirs;
-        assert!(rel <= 0.01, "noise row {row}: ours {cal:?}, Opacus {theirs}");
+        assert!(
+            rel <= 0.01,
+            "noise row {row}: ours {cal:?}, Opacus {theirs}"
+        );
         // The returned σ meets the target, within the tolerance below it.
-        assert!(cal.epsilon <= target && cal.epsilon >= target - 0.01, "{cal:?}");
+        assert!(
+            cal.epsilon <= target && cal.epsilon >= target - 0.01,
+            "{cal:?}"
+        );
         worst = worst.max(rel);
         eprintln!(
             "{kind} eps={target} q={} T={}: sigma {:.6} (Opacus {theirs:.6}), eps {:.5}, {} evaluations",

@@ -111,7 +111,10 @@ fn prv_delta_inverts_epsilon() {
         for delta in [1e-6, 1e-5, 1e-3] {
             let e = composed.epsilon(delta).unwrap();
             let back = composed.delta_estimate(e.estimate);
-            assert!((back - delta).abs() <= 1e-9 * delta, "{sigma} {q} {steps}: {back} vs {delta}");
+            assert!(
+                (back - delta).abs() <= 1e-9 * delta,
+                "{sigma} {q} {steps}: {back} vs {delta}"
+            );
             // And the bounds bracket the estimate.
             assert!(e.lower <= e.estimate && e.estimate < e.upper);
             let d = composed.delta(e.estimate).unwrap();
@@ -125,11 +128,25 @@ fn prv_composition_is_independent_of_splitting_and_order() {
     let acc = PrvAccountant::default();
     let whole = acc.epsilon(&[entry(1.1, 0.02, 900)], 1e-5).unwrap();
     let split = acc
-        .epsilon(&[entry(1.1, 0.02, 200), entry(1.1, 0.02, 300), entry(1.1, 0.02, 400)], 1e-5)
+        .epsilon(
+            &[
+                entry(1.1, 0.02, 200),
+                entry(1.1, 0.02, 300),
+                entry(1.1, 0.02, 400),
+            ],
+            1e-5,
+        )
         .unwrap();
-    assert!((whole.upper - split.upper).abs() < 1e-9, "{whole:?} vs {split:?}");
+    assert!(
+        (whole.upper - split.upper).abs() < 1e-9,
+        "{whole:?} vs {split:?}"
+    );
 
-    let a = [entry(0.9, 0.01, 300), entry(2.0, 0.1, 100), entry(1.3, 0.05, 50)];
+    let a = [
+        entry(0.9, 0.01, 300),
+        entry(2.0, 0.1, 100),
+        entry(1.3, 0.05, 50),
+    ];
     let b = [a[2], a[0], a[1]];
     let ea = acc.epsilon(&a, 1e-5).unwrap().upper;
     let eb = acc.epsilon(&b, 1e-5).unwrap().upper;
