@@ -6,3 +6,14 @@
 //! and checkpoints.
 //!
 //! Boundary: builds on every other library crate; no CLI concerns.
+#![warn(missing_docs)]
+
+pub mod adapters;
+pub mod error;
+pub mod sampling;
+pub mod strategy;
+
+pub use adapters::{ClientUpdate, GlobalState, ModuleAdapter};
+pub use error::{Error, Result};
+pub use sampling::sample_clients;
+pub use strategy::{Method, ServerStep, Strategy, SvdSolver};
