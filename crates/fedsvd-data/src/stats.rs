@@ -85,7 +85,11 @@ impl DatasetStats {
         DatasetStats {
             name: data.name.clone(),
             size: data.len(),
-            with_pair: data.examples.iter().filter(|e| e.text_pair.is_some()).count(),
+            with_pair: data
+                .examples
+                .iter()
+                .filter(|e| e.text_pair.is_some())
+                .count(),
             label_counts: data
                 .label_names
                 .iter()
@@ -115,7 +119,11 @@ impl std::fmt::Display for DatasetStats {
         }
         writeln!(f, "labels:")?;
         for (name, count) in &self.label_counts {
-            let share = if self.size == 0 { 0.0 } else { *count as f64 / self.size as f64 * 100.0 };
+            let share = if self.size == 0 {
+                0.0
+            } else {
+                *count as f64 / self.size as f64 * 100.0
+            };
             writeln!(f, "  {name:<16} {count:>7}  ({share:.1}%)")?;
         }
         for (what, p) in [("words", self.words), ("characters", self.chars)] {

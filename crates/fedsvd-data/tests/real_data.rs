@@ -32,8 +32,14 @@ fn rotten_tomatoes_has_12752_snippets() {
     assert_eq!(data.len(), 12_752);
     assert_eq!(data.label_names, ["rotten", "fresh"]);
     assert_eq!(data.label_counts(), [5_384, 7_368]);
-    assert_eq!(data.report.dropped["plot summary row (not a review)"], 1_097);
-    assert_eq!(data.report.dropped["duplicate text"], 13_905 - 1_097 - 12_752);
+    assert_eq!(
+        data.report.dropped["plot summary row (not a review)"],
+        1_097
+    );
+    assert_eq!(
+        data.report.dropped["duplicate text"],
+        13_905 - 1_097 - 12_752
+    );
     assert!(data.report.skipped.is_empty());
     let distinct: HashSet<&str> = data.examples.iter().map(|e| e.text.as_str()).collect();
     assert_eq!(distinct.len(), data.len());
@@ -59,7 +65,11 @@ fn bbc_topics_have_2225_articles() {
         .find(|e| e.text.starts_with("Chelsea sack Mutu\n"))
         .expect("the Latin-1 article is loaded");
     assert!(mutu.text.contains("\u{a3}15.8m"));
-    assert!(data.examples.iter().all(|e| e.text.chars().count() <= 1_200));
+    assert!(
+        data.examples
+            .iter()
+            .all(|e| e.text.chars().count() <= 1_200)
+    );
 }
 
 #[test]
@@ -90,13 +100,22 @@ fn bbc_pairs_are_balanced_seeded_and_built_from_the_articles() {
     for pair in data.examples.chunks(2) {
         let (pos, neg) = (&pair[0], &pair[1]);
         assert_eq!((pos.label, neg.label), (1, 0));
-        assert_eq!(pos.text, neg.text, "both pairs of an article share its title");
+        assert_eq!(
+            pos.text, neg.text,
+            "both pairs of an article share its title"
+        );
         let own = &bodies[&pos.text];
         let sentence = pos.text_pair.as_deref().unwrap();
         let other = neg.text_pair.as_deref().unwrap();
         let in_own = |s: &str| own.iter().any(|b| b.contains(s));
-        assert!(in_own(sentence), "positive sentence not in its article: {sentence}");
-        assert!(!in_own(other), "negative sentence is from this article: {other}");
+        assert!(
+            in_own(sentence),
+            "positive sentence not in its article: {sentence}"
+        );
+        assert!(
+            !in_own(other),
+            "negative sentence is from this article: {other}"
+        );
     }
 }
 
@@ -107,7 +126,7 @@ fn spam_assassin_has_4150_ham_and_1896_spam_without_headers() {
     assert_eq!(data.label_names, ["ham", "spam"]);
     assert_eq!(data.label_counts(), [4_150, 1_896]);
     assert!(data.report.skipped.is_empty(), "{}", data.report);
-    let with_header_start = data
+    let header_like: Vec<&str> = data
         .examples
         .iter()
         .filter(|e| {
@@ -115,6 +134,10 @@ fn spam_assassin_has_4150_ham_and_1896_spam_without_headers() {
                 || e.text.starts_with("Received:")
                 || e.text.starts_with("Delivered-To:")
         })
-        .count();
-    assert_eq!(with_header_start, 0);
+        .map(|e| e.text.as_str())
+        .collect();
+    // Only one body starts like a header block: spam-2/00403 forwards a whole
+    // e-mail, whose own headers are the body's content.
+    assert_eq!(header_like.len(), 1, "{:.200?}", header_like);
+    assert!(header_like[0].starts_with("Return-Path: <CashByNet@webmillion.com>"));
 }
