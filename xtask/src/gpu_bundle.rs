@@ -58,7 +58,14 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
             "--no-run",
             "--message-format=json",
         ],
-        |m| is_kernels(m) && m["profile"]["test"] == true,
+        // The bin target's own (empty) test harness is left out.
+        |m| {
+            is_kernels(m)
+                && m["profile"]["test"] == true
+                && !m["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|x| x == "bin"))
+        },
     )?;
     if tests.is_empty() {
         bail!("cargo built no test binaries for fedsvd-kernels");
