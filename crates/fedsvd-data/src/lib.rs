@@ -27,4 +27,4 @@ pub use partition::{
     MAX_DIRICHLET_ATTEMPTS, Partition, PartitionReport, partition_dirichlet, partition_iid,
 };
 pub use split::{Split, train_test_split, train_test_split_sizes};
-pub use stats::{DatasetStats, Percentiles};
+pub use stats::{DatasetStats, LabelCount, Percentiles, TokenStats};

@@ -1,5 +1,7 @@
 //! Summary statistics of a data set.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::dataset::{Dataset, Example};
@@ -45,6 +47,45 @@ impl Percentiles {
     }
 }
 
+/// Examples of one label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LabelCount {
+    /// The label's name.
+    pub label: String,
+    /// Its number of examples.
+    pub count: usize,
+}
+
+/// Token lengths under a model's tokenizer (computed by the caller, so this
+/// crate stays model-agnostic).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenStats {
+    /// The tokenizer's truncation length: lengths are capped there.
+    pub truncated_at: usize,
+    /// Percentiles of the (capped) token count, special tokens included.
+    pub lengths: Percentiles,
+    /// Fraction of examples longer than 64 tokens.
+    pub over_64: f64,
+    /// Fraction of examples longer than 128 tokens (the paper's maximum
+    /// length).
+    pub over_128: f64,
+}
+
+impl TokenStats {
+    /// Summarizes token `lengths` produced with truncation at
+    /// `truncated_at`; `None` when there are none.
+    pub fn of(lengths: &[usize], truncated_at: usize) -> Option<Self> {
+        let n = lengths.len() as f64;
+        let over = |k: usize| lengths.iter().filter(|&&l| l > k).count() as f64 / n;
+        Some(TokenStats {
+            truncated_at,
+            lengths: Percentiles::of(lengths)?,
+            over_64: over(64),
+            over_128: over(128),
+        })
+    }
+}
+
 /// Size, label counts and length distribution of a data set.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DatasetStats {
@@ -54,15 +95,17 @@ pub struct DatasetStats {
     pub size: usize,
     /// Examples with a second text segment.
     pub with_pair: usize,
-    /// `(label name, count)` in label order.
-    pub label_counts: Vec<(String, usize)>,
+    /// Examples per label, in label order.
+    pub label_counts: Vec<LabelCount>,
     /// Whitespace-separated words per example (both segments).
     pub words: Option<Percentiles>,
     /// Characters per example (both segments).
     pub chars: Option<Percentiles>,
-    /// Rows dropped by definition, skipped, or decoded as Latin-1, by
-    /// reason.
-    pub dropped: Vec<(String, usize)>,
+    /// Token lengths, when the caller has a tokenizer
+    /// ([`DatasetStats::with_tokens`]).
+    pub tokens: Option<TokenStats>,
+    /// Rows dropped by the data set's definition, by reason.
+    pub dropped: BTreeMap<String, usize>,
     /// Malformed records skipped.
     pub skipped: usize,
     /// Files decoded as Latin-1.
@@ -95,18 +138,21 @@ impl DatasetStats {
                 .iter()
                 .cloned()
                 .zip(data.label_counts())
+                .map(|(label, count)| LabelCount { label, count })
                 .collect(),
             words: Percentiles::of(&words),
             chars: Percentiles::of(&chars),
-            dropped: data
-                .report
-                .dropped
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            tokens: None,
+            dropped: data.report.dropped.clone(),
             skipped: data.report.skipped.len(),
             decoded_as_latin1: data.report.decoded_as_latin1.len(),
         }
+    }
+
+    /// Adds token-length statistics.
+    pub fn with_tokens(mut self, tokens: Option<TokenStats>) -> Self {
+        self.tokens = tokens;
+        self
     }
 }
 
@@ -118,7 +164,7 @@ impl std::fmt::Display for DatasetStats {
             writeln!(f, "with a text pair: {}", self.with_pair)?;
         }
         writeln!(f, "labels:")?;
-        for (name, count) in &self.label_counts {
+        for LabelCount { label: name, count } in &self.label_counts {
             let share = if self.size == 0 {
                 0.0
             } else {
@@ -134,6 +180,22 @@ impl std::fmt::Display for DatasetStats {
                     p.mean, p.p50, p.p90, p.p95, p.p99, p.max
                 )?;
             }
+        }
+        if let Some(t) = &self.tokens {
+            let p = &t.lengths;
+            writeln!(
+                f,
+                "tokens (capped at {}): mean {:.1}, p50 {}, p90 {}, p95 {}, p99 {}, max {}; over 64: {:.1}%, over 128: {:.1}%",
+                t.truncated_at,
+                p.mean,
+                p.p50,
+                p.p90,
+                p.p95,
+                p.p99,
+                p.max,
+                t.over_64 * 100.0,
+                t.over_128 * 100.0
+            )?;
         }
         for (reason, n) in &self.dropped {
             writeln!(f, "dropped {n}: {reason}")?;
@@ -160,5 +222,8 @@ mod tests {
         assert_eq!(p.mean, 50.5);
         assert!(Percentiles::of(&[]).is_none());
         assert_eq!(Percentiles::of(&[7]).unwrap().p50, 7);
+        let t = TokenStats::of(&[10, 70, 130, 512], 512).unwrap();
+        assert_eq!((t.over_64, t.over_128), (0.75, 0.5));
+        assert!(TokenStats::of(&[], 512).is_none());
     }
 }
