@@ -281,12 +281,19 @@ pub fn refactorize<T: Real>(
             cm[l * r + i] = s;
         }
     }
-    // B_new = B·C, one output row at a time (r-long axpys on C's rows).
+    // B_new = B·C, row by row: with r this small a general GEMM spends more
+    // on packing than on arithmetic.
     let b_std = b.as_standard_layout();
     let mut b_new = vec![T::zero(); d_out * r];
-    for (brow, out) in b_std.outer_iter().zip(b_new.chunks_exact_mut(r)) {
-        for (l, &bl) in brow.iter().enumerate() {
-            axpy_portable(bl, &cm[l * r..(l + 1) * r], out);
+    match r {
+        8 => rows_times_small::<T, 8>(&b_std, &cm, &mut b_new),
+        16 => rows_times_small::<T, 16>(&b_std, &cm, &mut b_new),
+        _ => {
+            for (brow, out) in b_std.outer_iter().zip(b_new.chunks_exact_mut(r)) {
+                for (l, &bl) in brow.iter().enumerate() {
+                    axpy_portable(bl, &cm[l * r..(l + 1) * r], out);
+                }
+            }
         }
     }
     let b_new = Array2::from_shape_vec((d_out, r), b_new).map_err(|e| Error::ShapeMismatch {
@@ -299,6 +306,28 @@ pub fn refactorize<T: Real>(
             detail: e.to_string(),
         })?;
     Ok((b_new, a_new))
+}
+
+/// `out = B·C` for row-major `B` (`d × R`), `C` (`R × R`) with `R` known at
+/// compile time, so each output row stays in registers.
+fn rows_times_small<T: Real, const R: usize>(
+    b: &ndarray::ArrayBase<impl ndarray::Data<Elem = T>, ndarray::Ix2>,
+    c: &[T],
+    out: &mut [T],
+) {
+    let mut cm = [[T::zero(); R]; R];
+    for (l, row) in cm.iter_mut().enumerate() {
+        row.copy_from_slice(&c[l * R..(l + 1) * R]);
+    }
+    for (brow, out_row) in b.outer_iter().zip(out.chunks_exact_mut(R)) {
+        let mut acc = [T::zero(); R];
+        for (l, &bl) in brow.iter().enumerate().take(R) {
+            for i in 0..R {
+                acc[i] += bl * cm[l][i];
+            }
+        }
+        out_row.copy_from_slice(&acc);
+    }
 }
 
 /// [`refactorize`] over many modules in parallel (rayon). Each module is
