@@ -12,7 +12,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 fn gaussian(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f64) -> Array2<f64> {
-    Array2::from_shape_simple_fn((rows, cols), || scale * rng.sample::<f64, _>(StandardNormal))
+    Array2::from_shape_simple_fn((rows, cols), || {
+        scale * rng.sample::<f64, _>(StandardNormal)
+    })
 }
 
 fn modules(count: usize, d: usize, r: usize) -> Vec<(Array2<f64>, Array2<f64>)> {

@@ -300,11 +300,10 @@ pub fn refactorize<T: Real>(
         context: "refactorize: B_new".to_string(),
         detail: e.to_string(),
     })?;
-    let a_new =
-        Array2::from_shape_vec((r, c.d_in), c.a_new).map_err(|e| Error::ShapeMismatch {
-            context: "refactorize: A_new".to_string(),
-            detail: e.to_string(),
-        })?;
+    let a_new = Array2::from_shape_vec((r, c.d_in), c.a_new).map_err(|e| Error::ShapeMismatch {
+        context: "refactorize: A_new".to_string(),
+        detail: e.to_string(),
+    })?;
     Ok((b_new, a_new))
 }
 
@@ -365,8 +364,10 @@ pub fn refactorize_many_with<T: Real>(
         Method::Randomized(p) => crate::refactorize_randomized(b, a, &p),
         Method::Dense => crate::refactorize_dense(b, a),
     };
-    let results: Vec<Result<(Array2<T>, Array2<T>)>> =
-        pairs.par_iter().map(|(b, a)| one(b.view(), a.view())).collect();
+    let results: Vec<Result<(Array2<T>, Array2<T>)>> = pairs
+        .par_iter()
+        .map(|(b, a)| one(b.view(), a.view()))
+        .collect();
     results
         .into_iter()
         .enumerate()

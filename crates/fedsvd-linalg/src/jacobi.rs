@@ -14,7 +14,12 @@ const MAX_SWEEPS: usize = 80;
 /// `v` (columns contiguous). On return `x_new = x_old · v_rot`, so with `v`
 /// entering as the identity, `x_old = x_new · vᵀ` is an SVD up to column
 /// norms.
-pub(crate) fn one_sided_jacobi<T: Real>(m: usize, n: usize, x: &mut [T], v: &mut [T]) -> Result<()> {
+pub(crate) fn one_sided_jacobi<T: Real>(
+    m: usize,
+    n: usize,
+    x: &mut [T],
+    v: &mut [T],
+) -> Result<()> {
     debug_assert_eq!(x.len(), m * n);
     debug_assert_eq!(v.len(), n * n);
     let tol = T::EPSILON * T::from_f64((m.max(1) as f64).sqrt());
@@ -92,7 +97,9 @@ mod tests {
     #[test]
     fn jacobi_orthogonalizes_columns_and_keeps_the_product() {
         let (m, n) = (5usize, 4usize);
-        let x0: Vec<f64> = (0..m * n).map(|i| ((i * 7 + 3) % 11) as f64 - 5.0).collect();
+        let x0: Vec<f64> = (0..m * n)
+            .map(|i| ((i * 7 + 3) % 11) as f64 - 5.0)
+            .collect();
         let mut x = x0.clone();
         let mut v = vec![0.0; n * n];
         for j in 0..n {

@@ -151,7 +151,10 @@ mod tests {
             assert!((dot_portable(&a, &b) - naive).abs() < 1e-13, "n = {n}");
             let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
             let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
-            assert!(((dot(&a32, &b32) as f64) - naive).abs() < 1e-4, "f32 dot, n = {n}");
+            assert!(
+                ((dot(&a32, &b32) as f64) - naive).abs() < 1e-4,
+                "f32 dot, n = {n}"
+            );
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);
             for i in 0..n {

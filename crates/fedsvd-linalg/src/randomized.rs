@@ -239,9 +239,8 @@ pub fn randomized_svd<T: Real, Op: LinearOperator<T> + ?Sized>(
     let l = (k.saturating_add(params.oversampling)).min(m).min(n);
 
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-    let omega = Array2::from_shape_simple_fn((n, l), || {
-        T::from_f64(rng.sample::<f64, _>(StandardNormal))
-    });
+    let omega =
+        Array2::from_shape_simple_fn((n, l), || T::from_f64(rng.sample::<f64, _>(StandardNormal)));
     let mut q = orth(op.apply(omega.view())?, m, l, "Op·Ω")?;
     for _ in 0..params.power_iterations {
         let z = orth(op.apply_transpose(q.view())?, n, l, "Opᵀ·Q")?;

@@ -51,7 +51,8 @@ pub trait Real:
     fn axpy_kernel(alpha: Self, x: &[Self], y: &mut [Self]);
     /// Dense thin SVD through faer: `(U, s, Vᵀ)`, singular values
     /// descending. Input must be finite and non-empty (checked by callers).
-    fn faer_thin_svd(a: ArrayView2<'_, Self>) -> Result<(Array2<Self>, Array1<Self>, Array2<Self>)>;
+    fn faer_thin_svd(a: ArrayView2<'_, Self>)
+    -> Result<(Array2<Self>, Array1<Self>, Array2<Self>)>;
 }
 
 macro_rules! impl_real {

@@ -4,8 +4,7 @@ mod common;
 
 use common::*;
 use fedsvd_linalg::{
-    Error, Real, factored_svd, refactorize, refactorize_dense, refactorize_many, thin_qr,
-    thin_svd,
+    Error, Real, factored_svd, refactorize, refactorize_dense, refactorize_many, thin_qr, thin_svd,
 };
 use ndarray::{Array2, s};
 
@@ -47,7 +46,10 @@ fn check_refactorization<T: Real>(b: &Array2<T>, a: &Array2<T>, tol: f64) {
     assert!(rel <= tol, "{d_out}x{d_in} r={r}: relative error {rel:e}");
     // A_new has orthonormal rows.
     let orth = row_orthonormality_error(a_new.view());
-    assert!(orth <= tol, "{d_out}x{d_in} r={r}: A_new·A_newᵀ − I = {orth:e}");
+    assert!(
+        orth <= tol,
+        "{d_out}x{d_in} r={r}: A_new·A_newᵀ − I = {orth:e}"
+    );
     // Singular values: the column norms of B_new equal the dense SVD's.
     let dense = thin_svd(m.view()).unwrap();
     let smax = dense.s[0].to_f64();
@@ -55,7 +57,11 @@ fn check_refactorization<T: Real>(b: &Array2<T>, a: &Array2<T>, tol: f64) {
     for i in 0..r {
         let norm = frob(b_new.slice(s![.., i..i + 1]));
         let diff = (norm - dense.s[i].to_f64()).abs();
-        assert!(diff <= tol * smax, "σ_{i}: {norm} vs dense {} ({d_out}x{d_in} r={r})", dense.s[i]);
+        assert!(
+            diff <= tol * smax,
+            "σ_{i}: {norm} vs dense {} ({d_out}x{d_in} r={r})",
+            dense.s[i]
+        );
         // Descending, up to rounding (rank-deficient tails are noise).
         assert!(norm <= prev + tol * smax, "σ not descending at {i}");
         prev = norm;
@@ -65,7 +71,10 @@ fn check_refactorization<T: Real>(b: &Array2<T>, a: &Array2<T>, tol: f64) {
     for i in 0..r {
         for j in 0..r {
             if i != j {
-                assert!(g[[i, j]].to_f64().abs() <= tol * smax * smax, "B_new columns {i},{j}");
+                assert!(
+                    g[[i, j]].to_f64().abs() <= tol * smax * smax,
+                    "B_new columns {i},{j}"
+                );
             }
         }
     }
@@ -90,7 +99,11 @@ fn refactorize_f32_matches_dense_on_random_shapes() {
 
 #[test]
 fn refactorize_handles_rank_deficient_b() {
-    for &(d_out, d_in, r, rank) in &[(60usize, 45usize, 8usize, 2usize), (90, 120, 64, 5), (30, 30, 4, 1)] {
+    for &(d_out, d_in, r, rank) in &[
+        (60usize, 45usize, 8usize, 2usize),
+        (90, 120, 64, 5),
+        (30, 30, 4, 1),
+    ] {
         let b = rank_deficient_b::<f64>(7, d_out, r, rank);
         let a = lora_pair::<f64>(8, d_out, d_in, r).1;
         check_refactorization(&b, &a, 1e-12);
@@ -128,8 +141,14 @@ fn factored_svd_is_a_complete_thin_svd_and_agrees_with_refactorize() {
     for (seed, &(d_out, d_in, r)) in SHAPES.iter().enumerate() {
         let (b, a) = lora_pair::<f64>(200 + seed as u64, d_out, d_in, r);
         let svd = factored_svd(b.view(), a.view()).unwrap();
-        assert!(row_orthonormality_error(svd.u.t()) <= 1e-12, "U not orthonormal");
-        assert!(row_orthonormality_error(svd.vt.view()) <= 1e-12, "Vᵀ not orthonormal");
+        assert!(
+            row_orthonormality_error(svd.u.t()) <= 1e-12,
+            "U not orthonormal"
+        );
+        assert!(
+            row_orthonormality_error(svd.vt.view()) <= 1e-12,
+            "Vᵀ not orthonormal"
+        );
         let m = b.dot(&a);
         assert!(frob((&svd.reconstruct() - &m).view()) <= 1e-12 * frob(m.view()));
         let (b_new, a_new) = refactorize(b.view(), a.view()).unwrap();
@@ -184,12 +203,19 @@ fn refactorizing_twice_is_stable() {
 
 #[test]
 fn refactorize_many_equals_single_calls_for_any_thread_count() {
-    let mods: Vec<(Array2<f64>, Array2<f64>)> =
-        (0..9).map(|i| lora_pair(300 + i, 64 + 8 * i as usize, 48, 4)).collect();
+    let mods: Vec<(Array2<f64>, Array2<f64>)> = (0..9)
+        .map(|i| lora_pair(300 + i, 64 + 8 * i as usize, 48, 4))
+        .collect();
     let views: Vec<_> = mods.iter().map(|(b, a)| (b.view(), a.view())).collect();
-    let single: Vec<_> = views.iter().map(|(b, a)| refactorize(*b, *a).unwrap()).collect();
+    let single: Vec<_> = views
+        .iter()
+        .map(|(b, a)| refactorize(*b, *a).unwrap())
+        .collect();
     for threads in [1, 2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         let many = pool.install(|| refactorize_many(&views)).unwrap();
         assert_eq!(many, single, "{threads} threads");
     }
@@ -199,7 +225,11 @@ fn refactorize_many_equals_single_calls_for_any_thread_count() {
 fn refactorize_many_names_the_failing_module() {
     let (b, a) = lora_pair::<f64>(1, 20, 20, 2);
     let bad = Array2::<f64>::zeros((20, 3));
-    let views = vec![(b.view(), a.view()), (b.view(), a.view()), (bad.view(), a.view())];
+    let views = vec![
+        (b.view(), a.view()),
+        (b.view(), a.view()),
+        (bad.view(), a.view()),
+    ];
     match refactorize_many(&views) {
         Err(Error::InModule { index: 2, source }) => {
             assert!(matches!(*source, Error::ShapeMismatch { .. }))
@@ -212,23 +242,43 @@ fn refactorize_many_names_the_failing_module() {
 fn bad_input_gives_typed_errors() {
     let (b, a) = lora_pair::<f64>(1, 10, 12, 3);
     let a_wrong = Array2::<f64>::zeros((4, 12));
-    assert!(matches!(refactorize(b.view(), a_wrong.view()), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        refactorize(b.view(), a_wrong.view()),
+        Err(Error::ShapeMismatch { .. })
+    ));
     let mut b_nan = b.clone();
     b_nan[[4, 1]] = f64::NAN;
     match refactorize(b_nan.view(), a.view()) {
-        Err(Error::NonFinite { what, row: 4, col: 1, .. }) => assert_eq!(what, "B"),
+        Err(Error::NonFinite {
+            what,
+            row: 4,
+            col: 1,
+            ..
+        }) => assert_eq!(what, "B"),
         other => panic!("{other:?}"),
     }
     let mut a_inf = a.clone();
     a_inf[[0, 0]] = f64::INFINITY;
-    assert!(matches!(factored_svd(b.view(), a_inf.view()), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        factored_svd(b.view(), a_inf.view()),
+        Err(Error::NonFinite { .. })
+    ));
     // r = 5 > d_out = 4.
     let (b5, a5) = lora_pair::<f64>(2, 4, 12, 5);
-    assert!(matches!(refactorize(b5.view(), a5.view()), Err(Error::RankTooLarge { rank: 5, .. })));
+    assert!(matches!(
+        refactorize(b5.view(), a5.view()),
+        Err(Error::RankTooLarge { rank: 5, .. })
+    ));
     let empty = Array2::<f64>::zeros((0, 3));
-    assert!(matches!(refactorize(empty.view(), a.view()), Err(Error::Empty { .. })));
+    assert!(matches!(
+        refactorize(empty.view(), a.view()),
+        Err(Error::Empty { .. })
+    ));
     assert!(matches!(thin_qr(empty.view()), Err(Error::Empty { .. })));
-    assert!(matches!(thin_svd(b_nan.view()), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        thin_svd(b_nan.view()),
+        Err(Error::NonFinite { .. })
+    ));
 }
 
 #[test]

@@ -30,15 +30,27 @@ fn error_within_hmt_bound_on_decaying_spectra() {
         let a = with_spectrum(&mut rng(seed), m, n, &s);
         for (k, p, q) in [(5, 5, 0), (10, 10, 0), (10, 5, 1), (8, 4, 2)] {
             for run in 0..3 {
-                let params = RsvdParams { rank: k, oversampling: p, power_iterations: q, seed: 10 * seed + run };
+                let params = RsvdParams {
+                    rank: k,
+                    oversampling: p,
+                    power_iterations: q,
+                    seed: 10 * seed + run,
+                };
                 let svd = randomized_svd(&a, &params).unwrap();
                 assert_eq!(svd.rank(), k);
                 let err = spectral_norm(&(&a - &svd.reconstruct()));
                 let bound = hmt_spectral_bound(k, p, q, m, n, s[k]);
-                assert!(err <= bound, "decay {decay} k {k} p {p} q {q}: {err:e} > {bound:e}");
+                assert!(
+                    err <= bound,
+                    "decay {decay} k {k} p {p} q {q}: {err:e} > {bound:e}"
+                );
                 // Never better than the optimum (Eckart–Young): a wrong
                 // "error" computation would break this.
-                assert!(err >= s[k] * (1.0 - 1e-9), "error {err:e} below σ_(k+1) = {:e}", s[k]);
+                assert!(
+                    err >= s[k] * (1.0 - 1e-9),
+                    "error {err:e} below σ_(k+1) = {:e}",
+                    s[k]
+                );
                 assert!(row_orthonormality_error(svd.vt.view()) <= 1e-12);
                 assert!(row_orthonormality_error(svd.u.t()) <= 1e-12);
             }
@@ -59,7 +71,12 @@ fn mean_frobenius_error_within_hmt_expectation_bound() {
     let runs = 20;
     let mean = (0..runs)
         .map(|seed| {
-            let params = RsvdParams { rank: k + p, oversampling: 0, power_iterations: 0, seed };
+            let params = RsvdParams {
+                rank: k + p,
+                oversampling: 0,
+                power_iterations: 0,
+                seed,
+            };
             frob((&a - &randomized_svd(&a, &params).unwrap().reconstruct()).view())
         })
         .sum::<f64>()
@@ -75,17 +92,41 @@ fn power_iterations_recover_leading_singular_values() {
     let (m, n, k) = (200, 100, 8);
     let s = Array1::from_shape_fn(n, |j| 0.5f64.powi(j as i32));
     let a = with_spectrum(&mut rng(9), m, n, &s);
-    let svd = randomized_svd(&a, &RsvdParams { rank: k, oversampling: 10, power_iterations: 2, seed: 3 }).unwrap();
+    let svd = randomized_svd(
+        &a,
+        &RsvdParams {
+            rank: k,
+            oversampling: 10,
+            power_iterations: 2,
+            seed: 3,
+        },
+    )
+    .unwrap();
     for i in 0..k {
-        assert!((svd.s[i] - s[i]).abs() <= 1e-9, "σ_{i}: {} vs {}", svd.s[i], s[i]);
+        assert!(
+            (svd.s[i] - s[i]).abs() <= 1e-9,
+            "σ_{i}: {} vs {}",
+            svd.s[i],
+            s[i]
+        );
     }
     assert!(rows_follow_sign_convention(svd.vt.view()));
 }
 
 #[test]
 fn same_seed_same_bits_other_seed_other_sketch() {
-    let a = with_spectrum(&mut rng(4), 60, 40, &Array1::from_shape_fn(40, |j| 0.9f64.powi(j as i32)));
-    let p = RsvdParams { rank: 5, oversampling: 3, power_iterations: 0, seed: 77 };
+    let a = with_spectrum(
+        &mut rng(4),
+        60,
+        40,
+        &Array1::from_shape_fn(40, |j| 0.9f64.powi(j as i32)),
+    );
+    let p = RsvdParams {
+        rank: 5,
+        oversampling: 3,
+        power_iterations: 0,
+        seed: 77,
+    };
     let x = randomized_svd(&a, &p).unwrap();
     let y = randomized_svd(&a, &p).unwrap();
     assert_eq!(x, y);
@@ -108,16 +149,32 @@ fn factored_sum_operator_is_exact_without_forming_the_matrix() {
     assert_eq!(sum.len(), 3);
     let dense = terms
         .iter()
-        .fold(Array2::<f64>::zeros((d_out, d_in)), |acc, (w, b, a)| acc + b.dot(a) * *w);
+        .fold(Array2::<f64>::zeros((d_out, d_in)), |acc, (w, b, a)| {
+            acc + b.dot(a) * *w
+        });
     assert!(max_abs_diff(sum.to_dense().view(), dense.view()) <= 1e-12);
     let x: Array2<f64> = gaussian(&mut g, d_in, 3);
     let y: Array2<f64> = gaussian(&mut g, d_out, 3);
     assert!(max_abs_diff(sum.apply(x.view()).unwrap().view(), dense.dot(&x).view()) <= 1e-11);
-    assert!(max_abs_diff(sum.apply_transpose(y.view()).unwrap().view(), dense.t().dot(&y).view()) <= 1e-11);
+    assert!(
+        max_abs_diff(
+            sum.apply_transpose(y.view()).unwrap().view(),
+            dense.t().dot(&y).view()
+        ) <= 1e-11
+    );
 
     // Inner rank 10: a rank-10 randomized SVD is exact and equals the dense
     // SVD's leading triplets.
-    let svd = randomized_svd(&sum, &RsvdParams { rank: 10, oversampling: 5, power_iterations: 1, seed: 1 }).unwrap();
+    let svd = randomized_svd(
+        &sum,
+        &RsvdParams {
+            rank: 10,
+            oversampling: 5,
+            power_iterations: 1,
+            seed: 1,
+        },
+    )
+    .unwrap();
     assert!(frob((&svd.reconstruct() - &dense).view()) <= 1e-12 * frob(dense.view()));
     let reference = thin_svd(dense.view()).unwrap();
     for i in 0..10 {
@@ -175,7 +232,10 @@ fn bad_parameters_and_operators_give_typed_errors() {
             Err(Error::InvalidParameter { name: "rank", .. })
         ));
     }
-    assert!(matches!(randomized_svd(&Liar, &RsvdParams::new(2)), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        randomized_svd(&Liar, &RsvdParams::new(2)),
+        Err(Error::ShapeMismatch { .. })
+    ));
     let mut sum = FactoredSum::<f64>::new(6, 4).unwrap();
     assert!(matches!(
         sum.push(1.0, Array2::zeros((6, 2)), Array2::zeros((3, 4))),
@@ -187,7 +247,16 @@ fn bad_parameters_and_operators_give_typed_errors() {
     ));
     let mut nan_b = Array2::<f64>::zeros((6, 2));
     nan_b[[1, 1]] = f64::NAN;
-    assert!(matches!(sum.push(1.0, nan_b, Array2::zeros((2, 4))), Err(Error::NonFinite { .. })));
-    assert!(matches!(sum.apply(Array2::zeros((5, 1)).view()), Err(Error::ShapeMismatch { .. })));
-    assert!(matches!(FactoredSum::<f64>::new(0, 4), Err(Error::Empty { .. })));
+    assert!(matches!(
+        sum.push(1.0, nan_b, Array2::zeros((2, 4))),
+        Err(Error::NonFinite { .. })
+    ));
+    assert!(matches!(
+        sum.apply(Array2::zeros((5, 1)).view()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        FactoredSum::<f64>::new(0, 4),
+        Err(Error::Empty { .. })
+    ));
 }

@@ -18,7 +18,10 @@ pub fn gaussian<T: Real>(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Arra
 }
 
 pub fn frob<T: Real>(a: ArrayView2<'_, T>) -> f64 {
-    a.iter().map(|x| x.to_f64() * x.to_f64()).sum::<f64>().sqrt()
+    a.iter()
+        .map(|x| x.to_f64() * x.to_f64())
+        .sum::<f64>()
+        .sqrt()
 }
 
 pub fn max_abs_diff<T: Real>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>) -> f64 {
@@ -43,7 +46,12 @@ pub fn orthonormal_columns(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Ar
 
 /// `U·diag(s)·Vᵀ` with random orthonormal U, V: a matrix with a known
 /// spectrum.
-pub fn with_spectrum(rng: &mut ChaCha8Rng, rows: usize, cols: usize, s: &Array1<f64>) -> Array2<f64> {
+pub fn with_spectrum(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+    s: &Array1<f64>,
+) -> Array2<f64> {
     let k = s.len();
     let mut u = orthonormal_columns(rng, rows, k);
     let v = orthonormal_columns(rng, cols, k);
