@@ -263,9 +263,12 @@ impl ComposedPrv {
             composed_steps += entry.steps();
             r2c.process_with_scratch(&mut pmf, &mut spectrum, &mut scratch)
                 .map_err(|e| fft_error(e.to_string()))?;
-            for (t, s) in total.iter_mut().zip(&spectrum) {
-                *t *= complex_pow(*s, entry.steps());
-            }
+            let spectrum = &spectrum;
+            par_chunks(&mut total, |start, part| {
+                for (t, s) in part.iter_mut().zip(&spectrum[start..]) {
+                    *t *= complex_pow(*s, entry.steps());
+                }
+            });
         }
         // DC and Nyquist bins of a real signal's spectrum are real.
         let last = total.len() - 1;
@@ -637,28 +640,42 @@ fn discretize(entry: &HistoryEntry, grid: &Grid, pmf: &mut [f64]) -> Result<f64>
             ),
         });
     }
-    let mut left = first;
-    // Mean of the discretized variable, compensated (Neumaier) summation.
-    let (mut mean_d, mut comp) = (0.0f64, 0.0f64);
-    for (i, p) in pmf.iter_mut().enumerate().take(n) {
-        let right = if i + 1 == n {
-            last
+    // Cell i spans edges i and i + 1: the grid ends, and half-way points between.
+    let edge = |k: usize| {
+        if k == 0 {
+            t_min
+        } else if k == n {
+            t_max
         } else {
-            loss.cdf(t_min + (i as f64 + 0.5) * dt)
-        };
-        let prob = StepLoss::probability(left, right) / mass;
-        *p = prob;
-        let term = grid.t(i) * prob;
-        let s = mean_d + term;
-        comp += if mean_d.abs() >= term.abs() {
-            (mean_d - s) + term
-        } else {
-            (term - s) + mean_d
-        };
-        mean_d = s;
-        left = right;
+            t_min + (k as f64 - 0.5) * dt
+        }
+    };
+    let edge_cdf = |k: usize| match k {
+        0 => first,
+        k if k == n => last,
+        k => loss.cdf(edge(k)),
+    };
+    // Each fixed chunk fills its cells and returns its compensated part of
+    // the discretized mean; parts are added in index order.
+    let parts = par_chunks(&mut pmf[..n], |start, cells| {
+        let mut left = edge_cdf(start);
+        let mut acc = Neumaier::default();
+        for (j, p) in cells.iter_mut().enumerate() {
+            let i = start + j;
+            let right = edge_cdf(i + 1);
+            let prob = StepLoss::probability(left, right) / mass;
+            *p = prob;
+            acc.add(grid.t(i) * prob);
+            left = right;
+        }
+        acc
+    });
+    let mut total = Neumaier::default();
+    for part in parts {
+        total.add(part.sum);
+        total.add(part.comp);
     }
-    let mean_d = mean_d + comp;
+    let mean_d = total.value();
     let mean_c = loss.partial_mean(t_min, t_max) / mass;
     let shift = mean_c - mean_d;
     if shift.is_nan() || shift.abs() >= dt / 2.0 {
@@ -670,6 +687,72 @@ fn discretize(entry: &HistoryEntry, grid: &Grid, pmf: &mut [f64]) -> Result<f64>
         });
     }
     Ok(shift)
+}
+
+/// Compensated (Neumaier) summation.
+#[derive(Debug, Default, Clone, Copy)]
+struct Neumaier {
+    sum: f64,
+    comp: f64,
+}
+
+impl Neumaier {
+    fn add(&mut self, term: f64) {
+        let s = self.sum + term;
+        self.comp += if self.sum.abs() >= term.abs() {
+            (self.sum - s) + term
+        } else {
+            (term - s) + self.sum
+        };
+        self.sum = s;
+    }
+    fn value(&self) -> f64 {
+        self.sum + self.comp
+    }
+}
+
+/// Work unit of the parallel loops. It is fixed, so results (including the
+/// order of every sum) do not depend on the number of threads.
+const CHUNK: usize = 1 << 14;
+
+/// Runs `f(offset, chunk)` over fixed-size chunks of `data` on scoped
+/// threads and returns the results in chunk order.
+fn par_chunks<T: Send, R: Send>(data: &mut [T], f: impl Fn(usize, &mut [T]) -> R + Sync) -> Vec<R> {
+    let chunks = data.len().div_ceil(CHUNK);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(chunks)
+        .max(1);
+    let mut buckets: Vec<Vec<(usize, &mut [T])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, c) in data.chunks_mut(CHUNK).enumerate() {
+        // Interleaved so that cheap and expensive regions of the grid spread evenly.
+        buckets[i % threads].push((i, c));
+    }
+    let run = |bucket: Vec<(usize, &mut [T])>| -> Vec<(usize, R)> {
+        bucket
+            .into_iter()
+            .map(|(i, c)| (i, f(i * CHUNK, c)))
+            .collect()
+    };
+    let mut out: Vec<(usize, R)> = if threads == 1 {
+        buckets.into_iter().flat_map(&run).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = buckets
+                .into_iter()
+                .map(|b| {
+                    let run = &run;
+                    scope.spawn(move || run(b))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    };
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]
