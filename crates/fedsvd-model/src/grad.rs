@@ -171,31 +171,41 @@ impl Gradients {
             .collect()
     }
 
-    /// `Σ_i w_i g_i` for per-example weights `w`.
+    /// `Σ_i w_i g_i` for per-example weights `w`: one GEMM per tensor over
+    /// the row-scaled factors, tensors in parallel.
     fn weighted_sum(&self, w: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.layout.len];
-        for f in &self.factors {
-            let s = &self.layout.slots[f.slot];
-            let rows = f.u.len() / f.du.max(1);
-            let mut u = f.u.clone();
-            for i in 0..self.batch_size() {
-                let (r0, r1) = self.rows(f, i);
-                if w[i] != 1.0 {
-                    u[r0 * f.du..r1 * f.du].iter_mut().for_each(|v| *v *= w[i]);
+        let parts: Vec<(usize, Vec<f32>)> = self
+            .factors
+            .par_iter()
+            .map(|f| {
+                let rows = f.u.len() / f.du.max(1);
+                let mut u = f.u.clone();
+                for (i, &wi) in w.iter().enumerate() {
+                    let (r0, r1) = self.rows(f, i);
+                    if wi != 1.0 {
+                        u[r0 * f.du..r1 * f.du].iter_mut().for_each(|v| *v *= wi);
+                    }
                 }
-            }
-            ops::gemm(
-                f.du,
-                rows,
-                f.dv,
-                1.0,
-                View::rm_t(&u, f.du),
-                View::rm(&f.v, f.dv),
-                0.0,
-                &mut out[s.offset..s.offset + s.len()],
-                f.dv,
-                1,
-            );
+                let mut g = vec![0.0f32; f.du * f.dv];
+                ops::gemm(
+                    f.du,
+                    rows,
+                    f.dv,
+                    1.0,
+                    View::rm_t(&u, f.du),
+                    View::rm(&f.v, f.dv),
+                    0.0,
+                    &mut g,
+                    f.dv,
+                    1,
+                );
+                (f.slot, g)
+            })
+            .collect();
+        let mut out = vec![0.0f32; self.layout.len];
+        for (slot, g) in parts {
+            let s = &self.layout.slots[slot];
+            out[s.offset..s.offset + s.len()].copy_from_slice(&g);
         }
         out
     }

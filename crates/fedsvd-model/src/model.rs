@@ -344,7 +344,7 @@ impl Model {
             None => x,
         };
         let mut hbuf = vec![0.0f32; n * r];
-        ops::gemm(
+        ops::gemm_par(
             n,
             ad.d_in,
             r,
@@ -354,9 +354,8 @@ impl Model {
             0.0,
             &mut hbuf,
             r,
-            1,
         );
-        ops::gemm(
+        ops::gemm_par(
             n,
             r,
             ad.d_out,
@@ -366,7 +365,6 @@ impl Model {
             1.0,
             &mut y[col0..],
             rsy,
-            1,
         );
         AdapterTape { mask, h: hbuf }
     }
@@ -399,7 +397,7 @@ impl Model {
             .for_each(|(d, src)| d.copy_from_slice(&src[col0..col0 + ad.d_out]));
         // dH = s · dY B
         let mut dh = vec![0.0f32; n * r];
-        ops::gemm(
+        ops::gemm_par(
             n,
             ad.d_out,
             r,
@@ -409,13 +407,12 @@ impl Model {
             0.0,
             &mut dh,
             r,
-            1,
         );
         if let Some(dx) = dx {
             match &tape.mask {
                 Some(m) => {
                     let mut t = vec![0.0f32; n * ad.d_in];
-                    ops::gemm(
+                    ops::gemm_par(
                         n,
                         r,
                         ad.d_in,
@@ -425,7 +422,6 @@ impl Model {
                         0.0,
                         &mut t,
                         ad.d_in,
-                        1,
                     );
                     dx.par_chunks_mut(4096)
                         .zip(t.par_chunks(4096).zip(m.par_chunks(4096)))
@@ -435,7 +431,7 @@ impl Model {
                             }
                         });
                 }
-                None => ops::gemm(
+                None => ops::gemm_par(
                     n,
                     r,
                     ad.d_in,
@@ -445,7 +441,6 @@ impl Model {
                     1.0,
                     dx,
                     ad.d_in,
-                    1,
                 ),
             }
         }
