@@ -50,7 +50,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         for (i, (text, row)) in args.texts.iter().zip(&rows).enumerate() {
-            let head: Vec<String> = row[..8.min(dim)].iter().map(|v| format!("{v:.5}")).collect();
+            let head: Vec<String> = row[..8.min(dim)]
+                .iter()
+                .map(|v| format!("{v:.5}"))
+                .collect();
             println!(
                 "[{i}] {text:?} ({} tokens): [{}, ...] (dim {dim})",
                 batch.lengths[i],

@@ -4,8 +4,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use fedsvd_model::{
-    Batch, BertWeights, DpSgdConfig, HeadConfig, LoraConfig, Model, Target, dp_sgd_step,
-    minilm_dir,
+    Batch, BertWeights, DpSgdConfig, HeadConfig, LoraConfig, Model, Target, dp_sgd_step, minilm_dir,
 };
 
 fn batch(n: usize, seq: usize) -> Batch {
@@ -14,7 +13,9 @@ fn batch(n: usize, seq: usize) -> Batch {
         .map(|_| {
             let mut v = vec![101];
             v.extend((0..seq - 2).map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (1996 + (s >> 33) % 28000) as u32
             }));
             v.push(102);

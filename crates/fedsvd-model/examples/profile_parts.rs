@@ -24,7 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = Model::new(weights, lora, HeadConfig::default())?;
     let state = model.init_state(0)?;
     let ids: Vec<Vec<u32>> = (0..32u32)
-        .map(|i| (0..64u32).map(|t| 2000 + (i * 131 + t * 17) % 20000).collect())
+        .map(|i| {
+            (0..64u32)
+                .map(|t| 2000 + (i * 131 + t * 17) % 20000)
+                .collect()
+        })
         .collect();
     let batch = Batch::from_sequences(&ids, &vec![vec![0; 64]; 32], 0)?;
     let labels: Vec<usize> = (0..32).map(|i| i % 2).collect();
@@ -42,7 +46,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = g.clipped_sum(2.0)?;
         let clip = t.elapsed().as_secs_f64();
         let fb_cpu = cpu_s() - c0;
-        println!("eval forward {fwd:.3}s (cpu {fwd_cpu:.2}s), forward+backward+clip {:.3}s (cpu {fb_cpu:.2}s), clipped sum {clip:.3}s", fb + clip);
+        println!(
+            "eval forward {fwd:.3}s (cpu {fwd_cpu:.2}s), forward+backward+clip {:.3}s (cpu {fb_cpu:.2}s), clipped sum {clip:.3}s",
+            fb + clip
+        );
     }
     Ok(())
 }

@@ -60,7 +60,9 @@ pub fn run_step_benchmark(
     }
     let vocab = weights.config.vocab_size as u64;
     if vocab < 2000 {
-        return Err(Error::InvalidOption("benchmark expects a BERT vocabulary".into()));
+        return Err(Error::InvalidOption(
+            "benchmark expects a BERT vocabulary".into(),
+        ));
     }
     let lora = LoraConfig {
         rank: 8,

@@ -81,7 +81,7 @@ impl BertConfig {
         {
             return bad(format!("every size must be positive: {self:?}"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -100,7 +100,10 @@ impl BertConfig {
             ));
         }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return bad(format!("layer_norm_eps {} must be positive", self.layer_norm_eps));
+            return bad(format!(
+                "layer_norm_eps {} must be positive",
+                self.layer_norm_eps
+            ));
         }
         Ok(())
     }

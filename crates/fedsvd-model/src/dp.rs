@@ -51,7 +51,9 @@ pub fn dp_sgd_step(
         )));
     }
     if batch.is_empty() {
-        return Err(Error::InvalidBatch("a DP-SGD step needs at least one example".into()));
+        return Err(Error::InvalidBatch(
+            "a DP-SGD step needs at least one example".into(),
+        ));
     }
     let grads = model.gradients(state, batch, labels, Some(seed))?;
     let (mut sum, norms) = grads.clipped_sum(config.clip)?;

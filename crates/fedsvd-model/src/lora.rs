@@ -283,7 +283,11 @@ impl LoraState {
     pub fn set_a(&mut self, layer: usize, target: Target, a: &[f32]) -> Result<()> {
         let i = self.adapter_index(layer, target)?;
         let ad = &mut self.adapters[i];
-        check_values(&format!("A of layer {layer} {}", target.name()), ad.a.len(), a)?;
+        check_values(
+            &format!("A of layer {layer} {}", target.name()),
+            ad.a.len(),
+            a,
+        )?;
         ad.a.copy_from_slice(a);
         Ok(())
     }
@@ -292,7 +296,11 @@ impl LoraState {
     pub fn set_b(&mut self, layer: usize, target: Target, b: &[f32]) -> Result<()> {
         let i = self.adapter_index(layer, target)?;
         let ad = &mut self.adapters[i];
-        check_values(&format!("B of layer {layer} {}", target.name()), ad.b.len(), b)?;
+        check_values(
+            &format!("B of layer {layer} {}", target.name()),
+            ad.b.len(),
+            b,
+        )?;
         ad.b.copy_from_slice(b);
         Ok(())
     }
@@ -379,10 +387,18 @@ impl ParamLayout {
         for (i, ad) in state.adapters.iter().enumerate() {
             let base = format!("layer.{}.{}", ad.layer, ad.target.name());
             if lora.train_a {
-                push(ParamKind::A(i), format!("{base}.lora_A"), [state.rank, ad.d_in]);
+                push(
+                    ParamKind::A(i),
+                    format!("{base}.lora_A"),
+                    [state.rank, ad.d_in],
+                );
             }
             if lora.train_b {
-                push(ParamKind::B(i), format!("{base}.lora_B"), [ad.d_out, state.rank]);
+                push(
+                    ParamKind::B(i),
+                    format!("{base}.lora_B"),
+                    [ad.d_out, state.rank],
+                );
             }
         }
         if lora.train_head {
@@ -391,7 +407,11 @@ impl ParamLayout {
                 "classifier.weight".into(),
                 [num_labels, hidden],
             );
-            push(ParamKind::HeadBias, "classifier.bias".into(), [num_labels, 1]);
+            push(
+                ParamKind::HeadBias,
+                "classifier.bias".into(),
+                [num_labels, 1],
+            );
         }
         ParamLayout { slots, len: offset }
     }

@@ -490,9 +490,7 @@ impl Model {
         let t = self.lora.targets.len();
         let mut adapter_tapes = Vec::new();
         let adapters_here: Vec<(usize, Target)> = match state {
-            Some(_) => (0..t)
-                .map(|j| (l * t + j, self.lora.targets[j]))
-                .collect(),
+            Some(_) => (0..t).map(|j| (l * t + j, self.lora.targets[j])).collect(),
             None => Vec::new(),
         };
 
@@ -755,18 +753,7 @@ impl Model {
         ops::linear_backward(&dr2, &lw.output.weight, ff, h, &mut dg, false);
         if let Some((ai, tp)) = take(Target::Output) {
             let g = gelu_out.as_deref().unwrap_or(&[]);
-            self.adapter_backward(
-                state,
-                ai,
-                tp,
-                g,
-                &dr2,
-                h,
-                0,
-                Some(&mut dg),
-                factors,
-                slots,
-            );
+            self.adapter_backward(state, ai, tp, g, &dr2, h, 0, Some(&mut dg), factors, slots);
         }
         dg.par_chunks_mut(4096)
             .zip(gelu_d.par_chunks(4096))
@@ -1194,7 +1181,8 @@ impl Model {
             while let Some(tape) = tapes.pop() {
                 l -= 1;
                 let need_dx = l > first;
-                match self.layer_backward(l, tape, dy, state, &pack, need_dx, &mut factors, &slots) {
+                match self.layer_backward(l, tape, dy, state, &pack, need_dx, &mut factors, &slots)
+                {
                     Some(d) => dy = d,
                     None => break,
                 }
@@ -1248,11 +1236,7 @@ impl Model {
             let logits = self.logits(state, batch)?;
             for (z, &y) in logits.chunks_exact(k).zip(labels) {
                 let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max as f64
-                    + z.iter()
-                        .map(|v| ((v - max) as f64).exp())
-                        .sum::<f64>()
-                        .ln();
+                let lse = max as f64 + z.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln();
                 loss += lse - z[y] as f64;
                 let arg = z
                     .iter()

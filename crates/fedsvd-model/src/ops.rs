@@ -134,7 +134,14 @@ pub(crate) fn linear(x: &[f32], w: &[f32], bias: &[f32], d_in: usize, d_out: usi
 }
 
 /// `dX[n, d_in] (+)= dY[n, d_out] · W` with `W` `[d_out, d_in]`.
-pub(crate) fn linear_backward(dy: &[f32], w: &[f32], d_in: usize, d_out: usize, dx: &mut [f32], accumulate: bool) {
+pub(crate) fn linear_backward(
+    dy: &[f32],
+    w: &[f32],
+    d_in: usize,
+    d_out: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
     let n = dy.len() / d_out;
     gemm(
         n,
@@ -311,7 +318,10 @@ mod tests {
             (0.0, 0.0),
         ] {
             let (e, _) = erf_and_gauss(x);
-            assert!((e as f64 - want).abs() < 5e-7, "erf({x}) = {e}, want {want}");
+            assert!(
+                (e as f64 - want).abs() < 5e-7,
+                "erf({x}) = {e}, want {want}"
+            );
         }
     }
 

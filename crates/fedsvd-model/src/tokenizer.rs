@@ -79,7 +79,7 @@ impl Batch {
                 attention_mask.len()
             )));
         }
-        if seq_len == 0 || total % seq_len != 0 {
+        if seq_len == 0 || !total.is_multiple_of(seq_len) {
             return Err(Error::InvalidBatch(format!(
                 "{total} values do not form rows of seq_len {seq_len}"
             )));

@@ -175,7 +175,8 @@ impl BertWeights {
         let r = Reader { st, prefix };
         let h = config.hidden_size;
         let ff = config.intermediate_size;
-        let word_embeddings = r.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+        let word_embeddings =
+            r.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
         let position_embeddings = r.get(
             "embeddings.position_embeddings.weight",
             &[config.max_position_embeddings, h],

@@ -116,7 +116,10 @@ fn check_against_finite_differences(pooling: Pooling) {
             }
         }
     }
-    assert!(checked > 4 * layout.slots.len(), "only {checked} checks ran");
+    assert!(
+        checked > 4 * layout.slots.len(),
+        "only {checked} checks ran"
+    );
     eprintln!("{pooling:?}: {checked} directional checks, worst relative error {worst:.2e}");
 }
 
@@ -137,7 +140,11 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     let sum = grads.sum();
     for slot in &model.layout(&state).slots {
         let g = &sum[slot.offset..slot.offset + slot.len()];
-        assert!(g.iter().any(|v| *v != 0.0), "{} has zero gradient", slot.name);
+        assert!(
+            g.iter().any(|v| *v != 0.0),
+            "{} has zero gradient",
+            slot.name
+        );
     }
 }
 
@@ -145,22 +152,34 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
 fn sum_of_per_example_gradients_is_the_batch_gradient() {
     let (model, state) = model(Pooling::Mean);
     let batch = batch();
-    let grads = model.gradients(&state, &batch, &[2, 0, 1], Some(3)).unwrap();
+    let grads = model
+        .gradients(&state, &batch, &[2, 0, 1], Some(3))
+        .unwrap();
     let per = grads.per_example();
     let p = grads.layout().len;
     let sum = grads.sum();
     let scale = sum.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     for j in 0..p {
         let s: f32 = (0..batch.len()).map(|i| per[i * p + j]).sum();
-        assert!((s - sum[j]).abs() <= 1e-5 * scale, "coordinate {j}: {s} vs {}", sum[j]);
+        assert!(
+            (s - sum[j]).abs() <= 1e-5 * scale,
+            "coordinate {j}: {s} vs {}",
+            sum[j]
+        );
     }
     // The batch gradient is also the gradient of the summed loss: compare
     // with the gradients of each example computed alone.
     for i in 0..batch.len() {
         let alone = batch.slice(i..i + 1).unwrap();
         let labels = [[2usize, 0, 1][i]];
-        let g = model.gradients(&state, &alone, &labels, None).unwrap().sum();
-        let batched = model.gradients(&state, &batch, &[2, 0, 1], None).unwrap().per_example();
+        let g = model
+            .gradients(&state, &alone, &labels, None)
+            .unwrap()
+            .sum();
+        let batched = model
+            .gradients(&state, &batch, &[2, 0, 1], None)
+            .unwrap()
+            .per_example();
         for j in 0..p {
             assert!((g[j] - batched[i * p + j]).abs() <= 1e-5 * scale.max(1e-3));
         }
@@ -175,7 +194,9 @@ fn clipping_caps_every_example_norm() {
     let grads = model.gradients(&state, &batch, &labels, Some(8)).unwrap();
     let per = grads.per_example();
     let p = grads.layout().len;
-    let norms: Vec<f64> = (0..3).map(|i| dot(&per[i * p..(i + 1) * p], &per[i * p..(i + 1) * p]).sqrt()).collect();
+    let norms: Vec<f64> = (0..3)
+        .map(|i| dot(&per[i * p..(i + 1) * p], &per[i * p..(i + 1) * p]).sqrt())
+        .collect();
     let clip = (norms[0].min(norms[1]).min(norms[2]) * 0.5) as f32;
     let (clipped, reported) = grads.clipped_sum(clip).unwrap();
     for i in 0..3 {
@@ -185,20 +206,34 @@ fn clipping_caps_every_example_norm() {
     let mut want = vec![0.0f64; p];
     for i in 0..3 {
         let c = (clip as f64 / (norms[i] + 1e-6)).min(1.0);
-        let term: Vec<f64> = per[i * p..(i + 1) * p].iter().map(|v| *v as f64 * c).collect();
+        let term: Vec<f64> = per[i * p..(i + 1) * p]
+            .iter()
+            .map(|v| *v as f64 * c)
+            .collect();
         let tn = term.iter().map(|v| v * v).sum::<f64>().sqrt();
-        assert!(tn <= clip as f64 * (1.0 + 1e-6), "clipped norm {tn} > {clip}");
+        assert!(
+            tn <= clip as f64 * (1.0 + 1e-6),
+            "clipped norm {tn} > {clip}"
+        );
         want.iter_mut().zip(&term).for_each(|(w, t)| *w += t);
     }
     for j in 0..p {
-        assert!((clipped[j] as f64 - want[j]).abs() <= 1e-5 * clip as f64, "coordinate {j}");
+        assert!(
+            (clipped[j] as f64 - want[j]).abs() <= 1e-5 * clip as f64,
+            "coordinate {j}"
+        );
     }
     // A single example's clipped sum has norm at most C.
-    let one = model.gradients(&state, &batch.slice(2..3).unwrap(), &[1], None).unwrap();
+    let one = model
+        .gradients(&state, &batch.slice(2..3).unwrap(), &[1], None)
+        .unwrap();
     let (s, n) = one.clipped_sum(clip).unwrap();
     assert!(n[0] > clip);
     let sn = dot(&s, &s).sqrt();
-    assert!(sn <= clip as f64 * (1.0 + 1e-5) && sn >= clip as f64 * 0.999, "{sn} vs {clip}");
+    assert!(
+        sn <= clip as f64 * (1.0 + 1e-5) && sn >= clip as f64 * 0.999,
+        "{sn} vs {clip}"
+    );
     // A large C leaves the gradients unchanged.
     let (s, _) = grads.clipped_sum(1e6).unwrap();
     assert_eq!(s, grads.sum());
@@ -216,8 +251,14 @@ fn results_do_not_depend_on_the_thread_count() {
             .build()
             .unwrap()
             .install(|| {
-                let g = model.gradients(&state, &batch, &[2, 0, 1], Some(42)).unwrap();
-                (g.per_example(), g.clipped_sum(0.5).unwrap(), g.logits().to_vec())
+                let g = model
+                    .gradients(&state, &batch, &[2, 0, 1], Some(42))
+                    .unwrap();
+                (
+                    g.per_example(),
+                    g.clipped_sum(0.5).unwrap(),
+                    g.logits().to_vec(),
+                )
             })
     };
     let one = run(1);
@@ -247,7 +288,9 @@ fn padding_does_not_change_an_example() {
     let batch = batch();
     let all = model.logits(&state, &batch).unwrap();
     for i in 0..batch.len() {
-        let alone = model.logits(&state, &batch.slice(i..i + 1).unwrap()).unwrap();
+        let alone = model
+            .logits(&state, &batch.slice(i..i + 1).unwrap())
+            .unwrap();
         for j in 0..3 {
             assert!((alone[j] - all[i * 3 + j]).abs() < 1e-5, "example {i}");
         }
@@ -284,7 +327,10 @@ fn frozen_factors_and_head_are_left_out() {
     let flat: Vec<f32> = (0..layout.len).map(|i| i as f32 * 1e-3).collect();
     layout.unflatten(&mut s2, &flat).unwrap();
     assert_eq!(layout.flatten(&s2).unwrap(), flat);
-    assert_eq!(s2.adapter(1, Target::Value).unwrap().b[..], flat[3 * 256..4 * 256]);
+    assert_eq!(
+        s2.adapter(1, Target::Value).unwrap().b[..],
+        flat[3 * 256..4 * 256]
+    );
     assert!(layout.unflatten(&mut s2, &flat[1..]).is_err());
     layout.apply_update(&mut s2, &flat, 1.0).unwrap();
     assert!(layout.flatten(&s2).unwrap().iter().all(|v| *v == 0.0));
@@ -294,7 +340,10 @@ fn frozen_factors_and_head_are_left_out() {
 fn bad_inputs_are_typed_errors() {
     let (model, state) = model(Pooling::Mean);
     let bad_id = Batch::from_sequences(&[vec![1, 50, 2]], &[vec![0; 3]], 0).unwrap();
-    assert!(matches!(model.logits(&state, &bad_id), Err(fedsvd_model::Error::InvalidBatch(_))));
+    assert!(matches!(
+        model.logits(&state, &bad_id),
+        Err(fedsvd_model::Error::InvalidBatch(_))
+    ));
     let bad_type = Batch::from_sequences(&[vec![1, 5, 2]], &[vec![0, 2, 0]], 0).unwrap();
     assert!(model.logits(&state, &bad_type).is_err());
     let too_long = Batch::from_sequences(&[vec![1; 33]], &[vec![0; 33]], 0).unwrap();

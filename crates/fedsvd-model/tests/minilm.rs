@@ -27,7 +27,12 @@ fn checkpoint_matches_the_documented_architecture() {
     let (w, _) = assets();
     let c = &w.config;
     assert_eq!(
-        (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size),
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.intermediate_size
+        ),
         (6, 384, 12, 1536)
     );
     assert_eq!(c.vocab_size, 30522);
@@ -45,7 +50,9 @@ fn token_ids_match_the_reference() {
     assert_eq!(b.ids(0), [101, 1037, 2158, 2003, 5983, 2833, 1012, 102]);
     assert_eq!(
         b.ids(1),
-        [101, 1037, 2158, 2003, 5983, 1037, 3538, 1997, 7852, 1012, 102]
+        [
+            101, 1037, 2158, 2003, 5983, 1037, 3538, 1997, 7852, 1012, 102
+        ]
     );
     // Dynamic padding: to the longest of the batch, not to 128.
     assert_eq!(b.seq_len, 11);
@@ -56,7 +63,10 @@ fn token_ids_match_the_reference() {
         .unwrap();
     assert_eq!(
         p.ids(0),
-        [101, 1037, 2093, 1011, 3178, 5988, 3040, 2465, 1012, 102, 1996, 3185, 2003, 2307, 1012, 102]
+        [
+            101, 1037, 2093, 1011, 3178, 5988, 3040, 2465, 1012, 102, 1996, 3185, 2003, 2307, 1012,
+            102
+        ]
     );
     let mut types = vec![0u32; 10];
     types.extend([1; 6]);
@@ -89,12 +99,20 @@ fn embeddings_and_cosines_match_the_reference() {
     ];
     let e = model().embed(None, &tok.encode(&texts).unwrap()).unwrap();
     let h = 384;
-    let want0 = [0.03324, 0.00441, -0.00628, 0.04838, -0.13870, -0.03362, 0.10113, -0.05438];
-    let want1 = [0.05252, 0.05524, -0.01119, -0.00575, -0.12721, -0.02225, 0.07688, 0.01319];
+    let want0 = [
+        0.03324, 0.00441, -0.00628, 0.04838, -0.13870, -0.03362, 0.10113, -0.05438,
+    ];
+    let want1 = [
+        0.05252, 0.05524, -0.01119, -0.00575, -0.12721, -0.02225, 0.07688, 0.01319,
+    ];
     for j in 0..8 {
         // The reference is rounded to 5 decimals (±5e-6).
         assert!((e[j] - want0[j]).abs() < 1e-4, "emb0[{j}] = {}", e[j]);
-        assert!((e[h + j] - want1[j]).abs() < 1e-4, "emb1[{j}] = {}", e[h + j]);
+        assert!(
+            (e[h + j] - want1[j]).abs() < 1e-4,
+            "emb1[{j}] = {}",
+            e[h + j]
+        );
     }
     let c01 = cosine(&e[..h], &e[h..2 * h]);
     assert!((c01 - 0.75534).abs() < 1e-4, "cos = {c01}");
@@ -104,7 +122,9 @@ fn embeddings_and_cosines_match_the_reference() {
     assert!((c02 - -0.046).abs() < 1e-3, "cos = {c02}");
     assert!((c03 - 0.048).abs() < 1e-3, "cos = {c03}");
     // Batched with other sentences or alone, an embedding is the same.
-    let alone = model().embed(None, &tok.encode(&[texts[1]]).unwrap()).unwrap();
+    let alone = model()
+        .embed(None, &tok.encode(&[texts[1]]).unwrap())
+        .unwrap();
     for j in 0..h {
         assert!((alone[j] - e[h + j]).abs() < 1e-6);
     }
@@ -155,7 +175,12 @@ fn a_dp_sgd_step_changes_only_b_and_lowers_the_loss_without_noise() {
     let model = Model::new(w.clone(), lora, HeadConfig::default()).unwrap();
     let mut state = model.init_state(1).unwrap();
     let batch = tok
-        .encode(&["a wonderful, moving film", "dull and far too long", "great acting", "a mess"])
+        .encode(&[
+            "a wonderful, moving film",
+            "dull and far too long",
+            "great acting",
+            "a mess",
+        ])
         .unwrap();
     let labels = [1usize, 0, 1, 0];
     let before = model.evaluate(&state, [(&batch, &labels[..])]).unwrap();
@@ -169,7 +194,12 @@ fn a_dp_sgd_step_changes_only_b_and_lowers_the_loss_without_noise() {
         fedsvd_model::dp_sgd_step(&model, &mut state, &batch, &labels, &cfg, step).unwrap();
     }
     let after = model.evaluate(&state, [(&batch, &labels[..])]).unwrap();
-    assert!(after.loss < before.loss, "{} -> {}", before.loss, after.loss);
+    assert!(
+        after.loss < before.loss,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
     let a_after: Vec<Vec<f32>> = state.adapters.iter().map(|a| a.a.clone()).collect();
     assert_eq!(a_before, a_after);
     assert!(state.adapters.iter().any(|a| a.b.iter().any(|v| *v != 0.0)));

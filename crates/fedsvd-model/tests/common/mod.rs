@@ -25,10 +25,14 @@ pub fn tiny_config() -> BertConfig {
 
 /// Deterministic pseudo-random values in [-scale, scale].
 pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -43,12 +47,30 @@ pub fn tiny_tensors(config: &BertConfig, prefix: &str) -> Vec<(String, Vec<usize
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         seed += 1;
         let n = shape.iter().product();
-        let v = values(n, seed, scale).into_iter().map(|x| x + offset).collect();
+        let v = values(n, seed, scale)
+            .into_iter()
+            .map(|x| x + offset)
+            .collect();
         out.push((format!("{prefix}{name}"), shape, v));
     };
-    add("embeddings.word_embeddings.weight".into(), vec![config.vocab_size, h], 1.0, 0.0);
-    add("embeddings.position_embeddings.weight".into(), vec![config.max_position_embeddings, h], 0.5, 0.0);
-    add("embeddings.token_type_embeddings.weight".into(), vec![config.type_vocab_size, h], 0.5, 0.0);
+    add(
+        "embeddings.word_embeddings.weight".into(),
+        vec![config.vocab_size, h],
+        1.0,
+        0.0,
+    );
+    add(
+        "embeddings.position_embeddings.weight".into(),
+        vec![config.max_position_embeddings, h],
+        0.5,
+        0.0,
+    );
+    add(
+        "embeddings.token_type_embeddings.weight".into(),
+        vec![config.type_vocab_size, h],
+        0.5,
+        0.0,
+    );
     add("embeddings.LayerNorm.weight".into(), vec![h], 0.2, 1.0);
     add("embeddings.LayerNorm.bias".into(), vec![h], 0.1, 0.0);
     for l in 0..config.num_hidden_layers {
@@ -61,7 +83,12 @@ pub fn tiny_tensors(config: &BertConfig, prefix: &str) -> Vec<(String, Vec<usize
             ("intermediate.dense", ff, h),
             ("output.dense", h, ff),
         ] {
-            add(format!("{p}.{m}.weight"), vec![o, i], 1.0 / (i as f32).sqrt() * 1.7, 0.0);
+            add(
+                format!("{p}.{m}.weight"),
+                vec![o, i],
+                1.0 / (i as f32).sqrt() * 1.7,
+                0.0,
+            );
             add(format!("{p}.{m}.bias"), vec![o], 0.1, 0.0);
         }
         for m in ["attention.output.LayerNorm", "output.LayerNorm"] {
@@ -69,13 +96,22 @@ pub fn tiny_tensors(config: &BertConfig, prefix: &str) -> Vec<(String, Vec<usize
             add(format!("{p}.{m}.bias"), vec![h], 0.1, 0.0);
         }
     }
-    add("pooler.dense.weight".into(), vec![h, h], 1.0 / (h as f32).sqrt() * 1.7, 0.0);
+    add(
+        "pooler.dense.weight".into(),
+        vec![h, h],
+        1.0 / (h as f32).sqrt() * 1.7,
+        0.0,
+    );
     add("pooler.dense.bias".into(), vec![h], 0.1, 0.0);
     out
 }
 
 /// Writes `config.json` and `model.safetensors` into `dir`.
-pub fn write_checkpoint(dir: &Path, config: &BertConfig, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+pub fn write_checkpoint(
+    dir: &Path,
+    config: &BertConfig,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) {
     let json = format!(
         r#"{{"architectures":["BertModel"],"vocab_size":{},"hidden_size":{},"num_hidden_layers":{},
 "num_attention_heads":{},"intermediate_size":{},"hidden_act":"gelu","max_position_embeddings":{},
@@ -90,7 +126,11 @@ pub fn write_checkpoint(dir: &Path, config: &BertConfig, tensors: &[(String, Vec
         config.type_vocab_size
     );
     std::fs::write(dir.join("config.json"), json).unwrap();
-    std::fs::write(dir.join("model.safetensors"), write_safetensors(tensors).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        write_safetensors(tensors).unwrap(),
+    )
+    .unwrap();
 }
 
 /// The tiny model, written to a temporary folder and loaded back through the
