@@ -39,6 +39,12 @@ pub enum Error {
         /// What is allowed.
         allowed: &'static str,
     },
+    /// The model rejected an input or failed.
+    #[error("model: {0}")]
+    Model(#[from] fedsvd_model::Error),
+    /// Privacy accounting failed (or the target is impossible).
+    #[error("privacy accounting: {0}")]
+    Privacy(#[from] fedsvd_dp::Error),
     /// The server's factorization failed.
     #[error("refactorization failed: {0}")]
     Linalg(#[from] fedsvd_linalg::Error),

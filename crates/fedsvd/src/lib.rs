@@ -9,11 +9,20 @@
 #![warn(missing_docs)]
 
 pub mod adapters;
+pub mod client;
 pub mod error;
+pub mod federation;
 pub mod sampling;
 pub mod strategy;
 
 pub use adapters::{ClientUpdate, GlobalState, ModuleAdapter};
+pub use client::{
+    ClientData, ClientStreams, LocalReport, LocalTraining, Privatization, train_locally,
+};
 pub use error::{Error, Result};
+pub use federation::{
+    BudgetRule, ClientPrivacy, Federation, FederationCheckpoint, FederationConfig, PrivacyConfig,
+    RoundMetrics, TrainingConfig,
+};
 pub use sampling::sample_clients;
 pub use strategy::{Method, ServerStep, Strategy, SvdSolver};

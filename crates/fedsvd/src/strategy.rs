@@ -385,7 +385,7 @@ impl FedSvd {
     /// Whether the server refactorizes after round `round` (from 0).
     pub fn refactorizes_after(&self, round: usize) -> bool {
         let done = round + 1;
-        done % self.svd_period.max(1) == 0 && done > self.svd_warmup
+        done.is_multiple_of(self.svd_period.max(1)) && done > self.svd_warmup
     }
 }
 

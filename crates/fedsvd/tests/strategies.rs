@@ -121,7 +121,7 @@ fn fedsvd_follows_its_schedule() {
         let ups = updates(&s, false, &mut rng);
         let a_before: Vec<_> = s.modules.iter().map(|m| m.a.clone()).collect();
         let step = strategy.apply(&mut s, &ups, round, &mut rng).unwrap();
-        let a_moved = s.modules.iter().zip(&a_before).any(|(m, a)| &m.a != a);
+        let a_moved = s.modules.iter().zip(&a_before).any(|(m, a)| m.a != a);
         assert_eq!(step.refactorized, a_moved, "round {round}");
         refactorized.push(step.refactorized);
     }

@@ -1,0 +1,684 @@
+//! The server loop: sampling, local training, aggregation, the strategy's
+//! rule, privacy ledgers and evaluation (method.md §2).
+
+use std::time::Instant;
+
+use fedsvd_dp::{Accountant, AccountantKind, HistoryEntry, PrivacyLedger, calibrate_noise};
+use fedsvd_model::{Batch, HeadConfig, LoraConfig, LoraState, Model};
+use ndarray::Array2;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::{ClientUpdate, GlobalState, ModuleAdapter};
+use crate::client::{
+    ClientData, ClientStreams, LocalReport, LocalTraining, Privatization, train_locally,
+};
+use crate::error::{Error, Result};
+use crate::sampling::sample_clients;
+use crate::strategy::{Method, Strategy};
+
+/// Which number of steps a client's noise is calibrated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetRule {
+    /// T_k = R·τ: the client could be sampled every round. Its ε can never
+    /// exceed the target.
+    #[default]
+    Conservative,
+    /// T_k = ⌈R·τ·K'/K⌉, the expected participation (what the reference code
+    /// used). An unlucky client can reach its budget early; it then stops
+    /// training and the metrics say so.
+    Expected,
+}
+
+/// The privacy target of every client.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyConfig {
+    /// Target ε per client; `None` trains without DP.
+    pub epsilon: Option<f64>,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// Per-example clipping norm C (DP only).
+    pub clip: f32,
+    /// Accountant used to calibrate σ and to keep the ledgers.
+    pub accountant: AccountantKind,
+    /// Which step count σ is calibrated for.
+    pub budget_rule: BudgetRule,
+    /// Global gradient-norm clipping without DP (`None`: none).
+    pub max_grad_norm: Option<f32>,
+}
+
+/// Local training hyper-parameters shared by every client.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    /// Local steps τ per round.
+    pub local_steps: usize,
+    /// Expected logical batch size L.
+    pub batch_size: usize,
+    /// Physical batch cap.
+    pub physical_batch_size: usize,
+    /// SGD learning rate.
+    pub lr: f32,
+}
+
+/// Everything that defines the federated schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FederationConfig {
+    /// The method.
+    pub method: Method,
+    /// Rounds R.
+    pub rounds: usize,
+    /// Clients sampled per round K'.
+    pub clients_per_round: usize,
+    /// Evaluate every this many rounds (and after the last).
+    pub eval_every: usize,
+    /// Local training.
+    pub training: TrainingConfig,
+    /// Privacy target.
+    pub privacy: PrivacyConfig,
+    /// Seed of every random stream (`None`: the operating system's entropy,
+    /// required for a real release).
+    pub seed: Option<u64>,
+}
+
+impl FederationConfig {
+    /// Checks every value, naming the offending key.
+    pub fn validate(&self, clients: usize) -> Result<()> {
+        self.method.validate()?;
+        let positive = |key, value: usize| {
+            if value == 0 {
+                Err(Error::InvalidConfig {
+                    key,
+                    value: "0".into(),
+                    allowed: "a whole number, at least 1",
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("federation.rounds", self.rounds)?;
+        positive("federation.clients_per_round", self.clients_per_round)?;
+        positive("federation.eval_every", self.eval_every)?;
+        positive("training.local_steps", self.training.local_steps)?;
+        if self.clients_per_round > clients {
+            return Err(Error::InvalidConfig {
+                key: "federation.clients_per_round",
+                value: self.clients_per_round.to_string(),
+                allowed: "at most the number of clients",
+            });
+        }
+        let p = &self.privacy;
+        if let Some(eps) = p.epsilon
+            && !(eps.is_finite() && eps > 0.0)
+        {
+            return Err(Error::InvalidConfig {
+                key: "privacy.epsilon",
+                value: eps.to_string(),
+                allowed: "a positive finite ε, or null for no DP",
+            });
+        }
+        if !(p.delta > 0.0 && p.delta < 1.0) {
+            return Err(Error::InvalidConfig {
+                key: "privacy.delta",
+                value: p.delta.to_string(),
+                allowed: "a probability strictly between 0 and 1",
+            });
+        }
+        self.local_training(0.0).validate()
+    }
+
+    fn local_training(&self, noise_multiplier: f64) -> LocalTraining {
+        let privatization = match self.privacy.epsilon {
+            Some(_) => Privatization::DpSgd {
+                clip: self.privacy.clip,
+                noise_multiplier: noise_multiplier as f32,
+            },
+            None => Privatization::NonPrivate {
+                max_grad_norm: self.privacy.max_grad_norm,
+            },
+        };
+        LocalTraining {
+            steps: self.training.local_steps,
+            expected_batch: self.training.batch_size,
+            physical_batch: self.training.physical_batch_size,
+            lr: self.training.lr,
+            privatization,
+        }
+    }
+
+    /// Steps a client's noise is calibrated for under the budget rule.
+    pub fn calibrated_steps(&self, clients: usize) -> u64 {
+        let all = (self.rounds * self.training.local_steps) as u64;
+        match self.privacy.budget_rule {
+            BudgetRule::Conservative => all,
+            BudgetRule::Expected => {
+                let k = self.clients_per_round.min(clients) as u64;
+                (all * k).div_ceil(clients.max(1) as u64).max(1)
+            }
+        }
+    }
+}
+
+/// One client's privacy parameters and ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientPrivacy {
+    /// Poisson sampling rate q_k = L / n_k.
+    pub sample_rate: f64,
+    /// Calibrated noise multiplier σ_k (0 without DP).
+    pub noise_multiplier: f64,
+    /// The ledger of steps really taken (`None` without DP).
+    pub ledger: Option<PrivacyLedger>,
+}
+
+/// What one round did (one line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// Round index, from 0.
+    pub round: usize,
+    /// Method name.
+    pub method: String,
+    /// Clients the server sampled.
+    pub sampled_clients: Vec<usize>,
+    /// Sampled clients that sat the round out because one more round would
+    /// exceed their privacy budget.
+    pub skipped_clients: Vec<usize>,
+    /// Mean training loss over the examples the clients processed.
+    pub train_loss: Option<f64>,
+    /// Held-out accuracy, when evaluated this round.
+    pub eval_accuracy: Option<f64>,
+    /// Held-out mean loss, when evaluated this round.
+    pub eval_loss: Option<f64>,
+    /// The largest ε any client has spent so far (`None` without DP).
+    pub max_epsilon: Option<f64>,
+    /// ε spent so far by every client.
+    pub client_epsilons: Vec<Option<f64>>,
+    /// Bytes all clients uploaded this round (f32 parameters).
+    pub bytes_uploaded: usize,
+    /// Wall time of the server's refactorization or merge, seconds.
+    pub server_seconds: f64,
+    /// Wall time of the whole round, seconds.
+    pub round_seconds: f64,
+}
+
+/// A federation in progress: the frozen model, the clients' data, the global
+/// state and the ledgers. Advance it with [`Federation::run_round`].
+#[derive(Debug)]
+pub struct Federation {
+    config: FederationConfig,
+    model: Model,
+    strategy: Box<dyn Strategy>,
+    clients: Vec<ClientData>,
+    test: ClientData,
+    template: LoraState,
+    state: GlobalState,
+    privacy: Vec<ClientPrivacy>,
+    next_round: usize,
+    os_entropy: bool,
+}
+
+/// The state that makes a federation resumable: everything that changes
+/// between rounds (all random streams are derived from the seed and the
+/// round, so no generator state needs saving).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FederationCheckpoint {
+    /// The next round to run.
+    pub next_round: usize,
+    /// The global adapters.
+    pub state: GlobalState,
+    /// Every client's privacy parameters and ledger.
+    pub privacy: Vec<ClientPrivacy>,
+}
+
+impl Federation {
+    /// Sets up a federation: checks the configuration, calibrates every
+    /// client's σ for the target (ε, δ) and initializes the adapters from the
+    /// seed. `lora` decides the rank, targets, dropout and whether the head
+    /// trains; which factors train follows the method.
+    pub fn new(
+        config: FederationConfig,
+        weights: std::sync::Arc<fedsvd_model::BertWeights>,
+        lora: LoraConfig,
+        head: HeadConfig,
+        clients: Vec<ClientData>,
+        test: ClientData,
+    ) -> Result<Self> {
+        config.validate(clients.len())?;
+        if let Some(empty) = clients.iter().position(ClientData::is_empty) {
+            return Err(Error::InvalidConfig {
+                key: "partition",
+                value: format!("client {empty} has no examples"),
+                allowed: "every client needs at least one example",
+            });
+        }
+        if test.is_empty() {
+            return Err(Error::InvalidConfig {
+                key: "data.test_fraction",
+                value: "0 test examples".into(),
+                allowed: "a held-out split with at least one example",
+            });
+        }
+        let strategy = config.method.strategy();
+        let lora = LoraConfig {
+            train_a: strategy.trains_a(),
+            train_b: true,
+            ..lora
+        };
+        let model = Model::new(weights, lora.clone(), head)?;
+        let os_entropy = config.seed.is_none();
+        let init_seed = config.seed.unwrap_or_else(rand::random);
+        let template = model.init_state(init_seed)?;
+        let state = global_from_lora(&template, &lora);
+        let privacy = calibrate_clients(&config, &clients)?;
+        Ok(Self {
+            config,
+            model,
+            strategy,
+            clients,
+            test,
+            template,
+            state,
+            privacy,
+            next_round: 0,
+            os_entropy,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FederationConfig {
+        &self.config
+    }
+
+    /// The global adapter state.
+    pub fn state(&self) -> &GlobalState {
+        &self.state
+    }
+
+    /// Every client's privacy parameters and ledger.
+    pub fn privacy(&self) -> &[ClientPrivacy] {
+        &self.privacy
+    }
+
+    /// The next round to run (rounds done so far).
+    pub fn next_round(&self) -> usize {
+        self.next_round
+    }
+
+    /// Whether every round has run.
+    pub fn finished(&self) -> bool {
+        self.next_round >= self.config.rounds
+    }
+
+    /// Whether the random streams come from the operating system (a run
+    /// fit for release) rather than from a seed.
+    pub fn uses_os_entropy(&self) -> bool {
+        self.os_entropy
+    }
+
+    /// The global model as a [`LoraState`] (for evaluation and export).
+    pub fn global_lora(&self) -> Result<LoraState> {
+        let mut lora = self.template.clone();
+        load_global(&self.state, &mut lora)?;
+        Ok(lora)
+    }
+
+    /// A resumable snapshot of everything that changes between rounds.
+    pub fn checkpoint(&self) -> FederationCheckpoint {
+        FederationCheckpoint {
+            next_round: self.next_round,
+            state: self.state.clone(),
+            privacy: self.privacy.clone(),
+        }
+    }
+
+    /// Continues from a snapshot of a federation built with the same
+    /// configuration and data.
+    pub fn restore(&mut self, checkpoint: FederationCheckpoint) -> Result<()> {
+        let same_shape = checkpoint.state.modules.len() == self.state.modules.len()
+            && checkpoint
+                .state
+                .modules
+                .iter()
+                .zip(&self.state.modules)
+                .all(|(a, b)| a.a.dim() == b.a.dim() && a.b.dim() == b.b.dim());
+        if !same_shape || checkpoint.privacy.len() != self.clients.len() {
+            return Err(Error::InvalidConfig {
+                key: "resume",
+                value: "checkpoint".into(),
+                allowed: "a checkpoint of a run with the same model, adapters and clients",
+            });
+        }
+        self.next_round = checkpoint.next_round;
+        self.state = checkpoint.state;
+        self.privacy = checkpoint.privacy;
+        Ok(())
+    }
+
+    /// Evaluates the global model on the held-out split.
+    pub fn evaluate(&self) -> Result<fedsvd_model::EvalMetrics> {
+        let lora = self.global_lora()?;
+        let indices: Vec<usize> = (0..self.test.len()).collect();
+        let batches = indices
+            .chunks(self.config.training.physical_batch_size.max(1))
+            .map(|chunk| self.test.batch(chunk))
+            .collect::<Result<Vec<(Batch, Vec<usize>)>>>()?;
+        Ok(self
+            .model
+            .evaluate(&lora, batches.iter().map(|(b, l)| (b, l.as_slice())))?)
+    }
+
+    /// Runs the next round and returns its metrics.
+    pub fn run_round(&mut self) -> Result<RoundMetrics> {
+        let started = Instant::now();
+        let round = self.next_round;
+        if self.finished() {
+            return Err(Error::InvalidConfig {
+                key: "federation.rounds",
+                value: self.config.rounds.to_string(),
+                allowed: "no round beyond the configured number",
+            });
+        }
+        let mut server_rng = self.stream(StreamKind::Server, round, 0);
+        let sampled = sample_clients(
+            self.clients.len(),
+            self.config.clients_per_round,
+            &mut server_rng,
+        );
+        let steps = self.config.training.local_steps as u64;
+        let mut eligible = Vec::new();
+        let mut skipped = Vec::new();
+        for &k in &sampled {
+            let p = &self.privacy[k];
+            let exceeds = match &p.ledger {
+                Some(ledger) => ledger.would_exceed(&[HistoryEntry::new(
+                    p.noise_multiplier,
+                    p.sample_rate,
+                    steps,
+                )?])?,
+                None => false,
+            };
+            if exceeds {
+                skipped.push(k);
+            } else {
+                eligible.push(k);
+            }
+        }
+
+        let global = self.global_lora()?;
+        let results: Vec<Result<(ClientUpdate, LocalReport)>> = eligible
+            .par_iter()
+            .map(|&k| self.train_client(k, round, &global))
+            .collect();
+        let mut updates = Vec::with_capacity(results.len());
+        let mut reports = Vec::with_capacity(results.len());
+        for result in results {
+            let (update, report) = result?;
+            updates.push(update);
+            reports.push(report);
+        }
+
+        let mut server_seconds = 0.0;
+        if !updates.is_empty() {
+            let step = self
+                .strategy
+                .apply(&mut self.state, &updates, round, &mut server_rng)?;
+            server_seconds = step.seconds;
+        }
+        for &k in &eligible {
+            let p = &mut self.privacy[k];
+            if let Some(ledger) = p.ledger.as_mut() {
+                ledger.record(HistoryEntry::new(p.noise_multiplier, p.sample_rate, steps)?);
+            }
+        }
+        self.next_round += 1;
+
+        let seen: usize = reports.iter().map(|r| r.examples_seen).sum();
+        let train_loss = (seen > 0).then(|| {
+            reports
+                .iter()
+                .map(|r| r.mean_loss * r.examples_seen as f64)
+                .sum::<f64>()
+                / seen as f64
+        });
+        let evaluate = self.next_round.is_multiple_of(self.config.eval_every) || self.finished();
+        let eval = if evaluate {
+            Some(self.evaluate()?)
+        } else {
+            None
+        };
+        let client_epsilons = self
+            .privacy
+            .iter()
+            .map(|p| {
+                p.ledger
+                    .as_ref()
+                    .map(PrivacyLedger::spent_epsilon)
+                    .transpose()
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let max_epsilon = client_epsilons
+            .iter()
+            .flatten()
+            .copied()
+            .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
+        Ok(RoundMetrics {
+            round,
+            method: self.strategy.name().to_string(),
+            sampled_clients: sampled,
+            skipped_clients: skipped,
+            train_loss,
+            eval_accuracy: eval.map(|e| e.accuracy),
+            eval_loss: eval.map(|e| e.loss),
+            max_epsilon,
+            client_epsilons,
+            bytes_uploaded: updates.len() * self.strategy.upload_parameters(&self.state) * 4,
+            server_seconds,
+            round_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn train_client(
+        &self,
+        k: usize,
+        round: usize,
+        global: &LoraState,
+    ) -> Result<(ClientUpdate, LocalReport)> {
+        let mut lora = global.clone();
+        let mut streams = if self.os_entropy {
+            ClientStreams::from_os()
+        } else {
+            let seed = derive_seed(self.config.seed.unwrap_or(0), StreamKind::Client, round, k);
+            ClientStreams::from_seed(seed)
+        };
+        let training = self.config.local_training(self.privacy[k].noise_multiplier);
+        let report = train_locally(
+            &self.model,
+            &mut lora,
+            &self.clients[k],
+            &training,
+            &mut streams,
+        )?;
+        let update = update_from_lora(
+            &lora,
+            self.clients[k].len(),
+            self.strategy.trains_a(),
+            self.state.head.is_some(),
+        )?;
+        Ok((update, report))
+    }
+
+    fn stream(&self, kind: StreamKind, round: usize, index: usize) -> ChaCha20Rng {
+        match self.config.seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(derive_seed(seed, kind, round, index)),
+            None => ChaCha20Rng::from_os_rng(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StreamKind {
+    Server = 1,
+    Client = 2,
+}
+
+/// A seed for one purpose, round and index, from the run seed (SplitMix64
+/// finalizer over the combined words: distinct inputs give unrelated seeds).
+fn derive_seed(seed: u64, kind: StreamKind, round: usize, index: usize) -> u64 {
+    let mut z = seed;
+    for word in [kind as u64, round as u64, index as u64] {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(word);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    z
+}
+
+fn calibrate_clients(
+    config: &FederationConfig,
+    clients: &[ClientData],
+) -> Result<Vec<ClientPrivacy>> {
+    let steps = config.calibrated_steps(clients.len());
+    let training = config.local_training(0.0);
+    let accountant = Accountant::new(config.privacy.accountant);
+    clients
+        .iter()
+        .enumerate()
+        .map(|(k, data)| {
+            let sample_rate = training.sample_rate(data.len());
+            let Some(epsilon) = config.privacy.epsilon else {
+                return Ok(ClientPrivacy {
+                    sample_rate,
+                    noise_multiplier: 0.0,
+                    ledger: None,
+                });
+            };
+            let calibration = calibrate_noise(
+                &accountant,
+                epsilon,
+                sample_rate,
+                steps,
+                config.privacy.delta,
+                fedsvd_dp::DEFAULT_EPSILON_TOLERANCE,
+            )?;
+            Ok(ClientPrivacy {
+                sample_rate,
+                noise_multiplier: calibration.noise_multiplier,
+                ledger: Some(PrivacyLedger::new(
+                    format!("client {k}"),
+                    epsilon,
+                    config.privacy.delta,
+                    config.privacy.accountant,
+                )?),
+            })
+        })
+        .collect()
+}
+
+/// The module name of adapter `i` of a state, as in reports and exports.
+fn module_name(lora: &LoraState, i: usize) -> String {
+    let ad = &lora.adapters[i];
+    format!("layer.{}.{}", ad.layer, ad.target.name())
+}
+
+fn matrix(rows: usize, cols: usize, values: &[f32], what: &str) -> Result<Array2<f32>> {
+    Array2::from_shape_vec((rows, cols), values.to_vec()).map_err(|_| Error::ShapeMismatch {
+        context: what.to_string(),
+        expected: vec![rows, cols],
+        actual: vec![values.len()],
+    })
+}
+
+/// The server's view of a model state.
+pub fn global_from_lora(lora: &LoraState, config: &LoraConfig) -> GlobalState {
+    let modules = lora
+        .adapters
+        .iter()
+        .enumerate()
+        .map(|(i, ad)| ModuleAdapter {
+            name: module_name(lora, i),
+            a: Array2::from_shape_vec((lora.rank, ad.d_in), ad.a.clone())
+                .unwrap_or_else(|_| Array2::zeros((lora.rank, ad.d_in))),
+            b: Array2::from_shape_vec((ad.d_out, lora.rank), ad.b.clone())
+                .unwrap_or_else(|_| Array2::zeros((ad.d_out, lora.rank))),
+            base_delta: None,
+        })
+        .collect();
+    let head = config.train_head.then(|| {
+        let mut h = lora.head_weight.clone();
+        h.extend_from_slice(&lora.head_bias);
+        h
+    });
+    GlobalState {
+        modules,
+        scale: config.scale(),
+        head,
+    }
+}
+
+/// Writes the global adapters (and trainable head) into a model state.
+pub fn load_global(state: &GlobalState, lora: &mut LoraState) -> Result<()> {
+    if state.modules.len() != lora.adapters.len() {
+        return Err(Error::ShapeMismatch {
+            context: "global state: number of adapted modules".into(),
+            expected: vec![lora.adapters.len()],
+            actual: vec![state.modules.len()],
+        });
+    }
+    for (module, ad) in state.modules.iter().zip(lora.adapters.iter_mut()) {
+        if module.a.dim() != (lora.rank, ad.d_in) || module.b.dim() != (ad.d_out, lora.rank) {
+            return Err(Error::ShapeMismatch {
+                context: format!("global state: {}", module.name),
+                expected: vec![ad.d_out, lora.rank, ad.d_in],
+                actual: vec![module.b.nrows(), module.a.nrows(), module.a.ncols()],
+            });
+        }
+        ad.a.clear();
+        ad.a.extend(module.a.iter().copied());
+        ad.b.clear();
+        ad.b.extend(module.b.iter().copied());
+    }
+    if let Some(head) = &state.head {
+        let w = lora.head_weight.len();
+        if head.len() != w + lora.head_bias.len() {
+            return Err(Error::ShapeMismatch {
+                context: "global state: classifier head".into(),
+                expected: vec![w + lora.head_bias.len()],
+                actual: vec![head.len()],
+            });
+        }
+        lora.head_weight.copy_from_slice(&head[..w]);
+        lora.head_bias.copy_from_slice(&head[w..]);
+    }
+    Ok(())
+}
+
+/// What a client uploads after training.
+fn update_from_lora(
+    lora: &LoraState,
+    examples: usize,
+    with_a: bool,
+    with_head: bool,
+) -> Result<ClientUpdate> {
+    let mut b = Vec::with_capacity(lora.adapters.len());
+    let mut a = Vec::with_capacity(lora.adapters.len());
+    for (i, ad) in lora.adapters.iter().enumerate() {
+        let name = module_name(lora, i);
+        b.push(matrix(ad.d_out, lora.rank, &ad.b, &format!("B of {name}"))?);
+        if with_a {
+            a.push(matrix(lora.rank, ad.d_in, &ad.a, &format!("A of {name}"))?);
+        }
+    }
+    let head = with_head.then(|| {
+        let mut h = lora.head_weight.clone();
+        h.extend_from_slice(&lora.head_bias);
+        h
+    });
+    Ok(ClientUpdate {
+        examples,
+        b,
+        a: with_a.then_some(a),
+        head,
+    })
+}
