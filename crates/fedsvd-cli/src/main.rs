@@ -4,6 +4,14 @@
 //! Each subcommand lives in its own module and only parses arguments, calls
 //! the library crates and prints; no algorithm lives here.
 
+mod assets;
+mod bench;
+mod bench_step;
+mod bench_svd;
+mod data;
+mod embed;
+mod privacy;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -22,12 +30,31 @@ enum Command {
     /// Run the main job: federated DP fine-tuning of MiniLM on Rotten Tomatoes
     /// sentiment with FedSVD (ε = 6, δ = 1e-5, 6 clients, 3 per round).
     Run,
+    /// Fetch and inspect the model and data assets.
+    #[command(subcommand)]
+    Assets(assets::AssetsCommand),
+    /// Inspect data sets and federated partitions.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Privacy accounting: epsilon of a DP-SGD run, noise for a target epsilon.
+    #[command(subcommand)]
+    Privacy(privacy::PrivacyCommand),
+    /// Performance benchmarks of the library paths.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Sentence embeddings (mean-pooled, L2-normalized) from the local MiniLM.
+    Embed(embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run => run_main_job(),
+        Command::Assets(command) => assets::run(command),
+        Command::Data(command) => data::run(command),
+        Command::Privacy(command) => privacy::run(command),
+        Command::Bench(command) => bench::run(command),
+        Command::Embed(args) => embed::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,6 +69,7 @@ fn main() -> ExitCode {
 /// federated trainer exists it says what it will do and fails, so nobody
 /// mistakes it for a finished run.
 fn run_main_job() -> anyhow::Result<()> {
+    assets::ensure_default()?;
     println!("fedsvd run will:");
     println!(
         "  1. fetch and verify the MiniLM model and the Rotten Tomatoes data (fedsvd assets fetch)"
