@@ -171,3 +171,76 @@ fn noise(args: &NoiseArgs) -> anyhow::Result<(Report, bool)> {
         m.json,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mechanism(accountant: AccountantArg) -> MechanismArgs {
+        MechanismArgs {
+            sample_rate: 0.01,
+            steps: 1000,
+            delta: 1e-5,
+            accountant,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn epsilon_json_has_the_documented_keys_in_order() {
+        let args = EpsilonArgs {
+            noise_multiplier: 1.0,
+            mechanism: mechanism(AccountantArg::Rdp),
+        };
+        let (report, json) = epsilon(&args).unwrap();
+        assert!(json);
+        let text = serde_json::to_string(&report).unwrap();
+        let keys: Vec<&str> = [
+            "accountant",
+            "epsilon",
+            "delta",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "order",
+        ]
+        .to_vec();
+        let mut last = 0;
+        for k in &keys {
+            let at = text
+                .find(&format!("\"{k}\""))
+                .unwrap_or_else(|| panic!("{k} in {text}"));
+            assert!(at >= last, "{k} out of order in {text}");
+            last = at;
+        }
+        assert!(text.contains("\"accountant\":\"rdp\""));
+        // PRV reports no order.
+        let args = EpsilonArgs {
+            noise_multiplier: 1.0,
+            mechanism: mechanism(AccountantArg::Prv),
+        };
+        let text = serde_json::to_string(&epsilon(&args).unwrap().0).unwrap();
+        assert!(!text.contains("order") && text.contains("\"accountant\":\"prv\""));
+    }
+
+    #[test]
+    fn noise_reports_the_achieved_epsilon() {
+        let args = NoiseArgs {
+            epsilon: 6.0,
+            epsilon_tolerance: 0.01,
+            mechanism: mechanism(AccountantArg::Rdp),
+        };
+        let (report, _) = noise(&args).unwrap();
+        assert!(report.epsilon <= 6.0 && report.epsilon >= 5.99);
+        assert!(report.noise_multiplier > 0.5 && report.noise_multiplier < 1.0);
+        let bad = NoiseArgs {
+            epsilon: 6.0,
+            epsilon_tolerance: 0.01,
+            mechanism: MechanismArgs {
+                delta: 0.0,
+                ..mechanism(AccountantArg::Rdp)
+            },
+        };
+        assert!(noise(&bad).is_err());
+    }
+}
