@@ -53,13 +53,16 @@ impl<T: Real, S: Data<Elem = T>> LinearOperator<T> for ArrayBase<S, Ix2> {
     }
 }
 
+/// One weighted product `w·B·A` of a [`FactoredSum`].
+type Term<'a, T> = (T, CowArray<'a, T, Ix2>, CowArray<'a, T, Ix2>);
+
 /// `Σ_k w_k·B_k·A_k`, never formed: products go through the thin factors,
 /// O((d_out + d_in)·r_k·cols) per term. Factors may be borrowed or owned.
 #[derive(Debug, Clone)]
 pub struct FactoredSum<'a, T: Real> {
     d_out: usize,
     d_in: usize,
-    terms: Vec<(T, CowArray<'a, T, Ix2>, CowArray<'a, T, Ix2>)>,
+    terms: Vec<Term<'a, T>>,
 }
 
 impl<'a, T: Real> FactoredSum<'a, T> {
