@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fedsvd_data::{
-    Dataset, DatasetName, DatasetStats, OnMalformed, PartitionReport, TableSpec, assets,
-    partition_dirichlet, partition_iid, train_test_split,
+    Dataset, DatasetName, DatasetStats, OnMalformed, PartitionReport, TableSpec, TokenStats,
+    assets, partition_dirichlet, partition_iid, train_test_split,
 };
 use serde::Serialize;
 
@@ -57,6 +57,13 @@ pub struct StatsArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Skip the token-length percentiles (they need the fetched MiniLM
+    /// tokenizer).
+    #[arg(long)]
+    no_tokens: bool,
+    /// Truncation length for the token counts (the model's maximum is 512).
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
 }
 
 /// Options of `fedsvd data partition`.
@@ -128,14 +135,68 @@ fn load(args: &SourceArgs) -> anyhow::Result<Dataset> {
 
 fn stats(args: &StatsArgs) -> anyhow::Result<()> {
     let data = load(&args.source)?;
-    let stats = DatasetStats::of(&data);
+    let tokens = if args.no_tokens {
+        None
+    } else {
+        token_stats(&data, &args.source, args.max_len)?
+    };
+    let stats = DatasetStats::of(&data).with_tokens(tokens);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
-    } else {
-        print!("{stats}");
-        print!("{}", data.report);
+        return Ok(());
+    }
+    print!("{stats}");
+    if stats.tokens.is_none() && !args.no_tokens {
+        println!(
+            "tokens: skipped (the MiniLM tokenizer is not installed; run `fedsvd assets fetch`)"
+        );
+    }
+    const SHOWN: usize = 5;
+    for s in data.report.skipped.iter().take(SHOWN) {
+        let line = s.line.map(|l| format!(":{l}")).unwrap_or_default();
+        println!("  skipped {}{line}: {}", s.path.display(), s.reason);
+    }
+    if data.report.skipped.len() > SHOWN {
+        println!(
+            "  … and {} more skipped (see --json)",
+            data.report.skipped.len() - SHOWN
+        );
+    }
+    for p in data.report.decoded_as_latin1.iter().take(SHOWN) {
+        println!("  decoded as Latin-1: {}", p.display());
+    }
+    if data.report.decoded_as_latin1.len() > SHOWN {
+        println!(
+            "  … and {} more decoded as Latin-1",
+            data.report.decoded_as_latin1.len() - SHOWN
+        );
     }
     Ok(())
+}
+
+/// Token counts with the model's tokenizer, one example at a time (no
+/// padding), capped at `max_len`; `None` when the tokenizer is not
+/// installed.
+fn token_stats(
+    data: &Dataset,
+    source: &SourceArgs,
+    max_len: usize,
+) -> anyhow::Result<Option<TokenStats>> {
+    let dir = source.dir.clone().unwrap_or_else(assets::default_dir);
+    let path = dir.join(assets::MODEL_DIR).join("tokenizer.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let tokenizer = fedsvd_model::Tokenizer::from_file(&path, max_len)?;
+    let mut lengths = Vec::with_capacity(data.len());
+    for e in &data.examples {
+        let batch = match &e.text_pair {
+            Some(pair) => tokenizer.encode_pairs(&[(e.text.as_str(), pair.as_str())])?,
+            None => tokenizer.encode(&[e.text.as_str()])?,
+        };
+        lengths.push(batch.num_tokens());
+    }
+    Ok(TokenStats::of(&lengths, max_len))
 }
 
 #[derive(Serialize)]
