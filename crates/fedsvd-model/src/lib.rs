@@ -9,6 +9,7 @@ mod grad;
 mod lora;
 mod model;
 mod ops;
+pub mod testing;
 mod tokenizer;
 mod weights;
 

@@ -260,6 +260,17 @@ impl Federation {
             });
         }
         let strategy = config.method.strategy();
+        if strategy.merges_into_base() {
+            // The server rules exist (strategy.rs), but the model cannot yet
+            // add a dense base-weight delta in its forward pass; running them
+            // would evaluate a model without the merged updates.
+            return Err(Error::InvalidConfig {
+                key: "method",
+                value: config.method.name().to_string(),
+                allowed: "fedsvd, ffa or fedavg for now: FLoRA and FedEx-LoRA need \
+                          base-weight deltas inside the model, which are not built yet",
+            });
+        }
         let lora = LoraConfig {
             train_a: strategy.trains_a(),
             train_b: true,
