@@ -48,6 +48,77 @@ pub enum Error {
     /// The server's factorization failed.
     #[error("refactorization failed: {0}")]
     Linalg(#[from] fedsvd_linalg::Error),
+    /// Loading, splitting or partitioning the data failed.
+    #[error("data: {0}")]
+    Data(#[from] fedsvd_data::Error),
+    /// A file could not be read or written.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("writing", "reading", ...).
+        action: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A JSON file (or one line of a JSON Lines file) is malformed.
+    #[error("{}{}: {source}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
+    Json {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The line (0 when unknown).
+        line: usize,
+        /// The parser's message.
+        source: serde_json::Error,
+    },
+    /// A new run was pointed at a folder that already holds one.
+    #[error("{} already holds a run (config.json exists); resume it or choose another folder", dir.display())]
+    RunExists {
+        /// The folder.
+        dir: std::path::PathBuf,
+    },
+    /// A resume was pointed at a folder without a run.
+    #[error("{} holds no run (no config.json)", dir.display())]
+    NotARun {
+        /// The folder.
+        dir: std::path::PathBuf,
+    },
+    /// A run folder's files contradict each other.
+    #[error("corrupt run folder: {}: {reason}", path.display())]
+    CorruptRun {
+        /// The offending file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A summary was asked of a run that has rounds left.
+    #[error("the run in {} has finished {done} of {rounds} rounds", dir.display())]
+    Unfinished {
+        /// The run folder.
+        dir: std::path::PathBuf,
+        /// Rounds finished.
+        done: usize,
+        /// Rounds configured.
+        rounds: usize,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn json(path: &std::path::Path, line: usize, source: serde_json::Error) -> Self {
+        Error::Json {
+            path: path.to_path_buf(),
+            line,
+            source,
+        }
+    }
 }
 
 /// Result alias of this crate.

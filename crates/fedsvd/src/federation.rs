@@ -1,10 +1,11 @@
 //! The server loop: sampling, local training, aggregation, the strategy's
 //! rule, privacy ledgers and evaluation (method.md §2).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use fedsvd_dp::{Accountant, AccountantKind, HistoryEntry, PrivacyLedger, calibrate_noise};
-use fedsvd_model::{Batch, HeadConfig, LoraConfig, LoraState, Model};
+use fedsvd_model::{Batch, BertWeights, HeadConfig, LoraConfig, LoraState, Model, Target};
 use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -35,6 +36,7 @@ pub enum BudgetRule {
 
 /// The privacy target of every client.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrivacyConfig {
     /// Target ε per client; `None` trains without DP.
     pub epsilon: Option<f64>,
@@ -52,6 +54,7 @@ pub struct PrivacyConfig {
 
 /// Local training hyper-parameters shared by every client.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
     /// Local steps τ per round.
     pub local_steps: usize,
@@ -65,6 +68,7 @@ pub struct TrainingConfig {
 
 /// Everything that defines the federated schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FederationConfig {
     /// The method.
     pub method: Method,
@@ -175,15 +179,17 @@ pub struct ClientPrivacy {
 /// What one round did (one line of `metrics.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundMetrics {
-    /// Round index, from 0.
+    /// Rounds completed, counting this one (the first round is 1).
     pub round: usize,
     /// Method name.
     pub method: String,
     /// Clients the server sampled.
     pub sampled_clients: Vec<usize>,
+    /// Sampled clients that trained and uploaded.
+    pub trained_clients: Vec<usize>,
     /// Sampled clients that sat the round out because one more round would
     /// exceed their privacy budget.
-    pub skipped_clients: Vec<usize>,
+    pub budget_exhausted_clients: Vec<usize>,
     /// Mean training loss over the examples the clients processed.
     pub train_loss: Option<f64>,
     /// Held-out accuracy, when evaluated this round.
@@ -192,10 +198,13 @@ pub struct RoundMetrics {
     pub eval_loss: Option<f64>,
     /// The largest ε any client has spent so far (`None` without DP).
     pub max_epsilon: Option<f64>,
-    /// ε spent so far by every client.
-    pub client_epsilons: Vec<Option<f64>>,
+    /// ε spent so far by every client (`None` entries without DP).
+    pub client_epsilon: Vec<Option<f64>>,
     /// Bytes all clients uploaded this round (f32 parameters).
     pub bytes_uploaded: usize,
+    /// Whether the server refactorized (FedSVD) or restarted (FLoRA) the
+    /// adapters this round.
+    pub refactorized: bool,
     /// Wall time of the server's refactorization or merge, seconds.
     pub server_seconds: f64,
     /// Wall time of the whole round, seconds.
@@ -207,10 +216,12 @@ pub struct RoundMetrics {
 #[derive(Debug)]
 pub struct Federation {
     config: FederationConfig,
+    base_weights: Arc<BertWeights>,
     model: Model,
     strategy: Box<dyn Strategy>,
     clients: Vec<ClientData>,
     test: ClientData,
+    init_seed: u64,
     template: LoraState,
     state: GlobalState,
     privacy: Vec<ClientPrivacy>,
@@ -219,12 +230,16 @@ pub struct Federation {
 }
 
 /// The state that makes a federation resumable: everything that changes
-/// between rounds (all random streams are derived from the seed and the
-/// round, so no generator state needs saving).
+/// between rounds. Seeded runs derive every random stream from the seed and
+/// the round, so no generator state needs saving; runs on operating-system
+/// entropy draw fresh streams after a resume, as they would have anyway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FederationCheckpoint {
     /// The next round to run.
     pub next_round: usize,
+    /// Seed of the adapters' and the frozen head's initialization (drawn from
+    /// the operating system when the run has no seed).
+    pub init_seed: u64,
     /// The global adapters.
     pub state: GlobalState,
     /// Every client's privacy parameters and ledger.
@@ -238,7 +253,7 @@ impl Federation {
     /// trains; which factors train follows the method.
     pub fn new(
         config: FederationConfig,
-        weights: std::sync::Arc<fedsvd_model::BertWeights>,
+        weights: Arc<BertWeights>,
         lora: LoraConfig,
         head: HeadConfig,
         clients: Vec<ClientData>,
@@ -260,23 +275,12 @@ impl Federation {
             });
         }
         let strategy = config.method.strategy();
-        if strategy.merges_into_base() {
-            // The server rules exist (strategy.rs), but the model cannot yet
-            // add a dense base-weight delta in its forward pass; running them
-            // would evaluate a model without the merged updates.
-            return Err(Error::InvalidConfig {
-                key: "method",
-                value: config.method.name().to_string(),
-                allowed: "fedsvd, ffa or fedavg for now: FLoRA and FedEx-LoRA need \
-                          base-weight deltas inside the model, which are not built yet",
-            });
-        }
         let lora = LoraConfig {
             train_a: strategy.trains_a(),
             train_b: true,
             ..lora
         };
-        let model = Model::new(weights, lora.clone(), head)?;
+        let model = Model::new(Arc::clone(&weights), lora.clone(), head)?;
         let os_entropy = config.seed.is_none();
         let init_seed = config.seed.unwrap_or_else(rand::random);
         let template = model.init_state(init_seed)?;
@@ -284,10 +288,12 @@ impl Federation {
         let privacy = calibrate_clients(&config, &clients)?;
         Ok(Self {
             config,
+            base_weights: weights,
             model,
             strategy,
             clients,
             test,
+            init_seed,
             template,
             state,
             privacy,
@@ -338,6 +344,7 @@ impl Federation {
     pub fn checkpoint(&self) -> FederationCheckpoint {
         FederationCheckpoint {
             next_round: self.next_round,
+            init_seed: self.init_seed,
             state: self.state.clone(),
             privacy: self.privacy.clone(),
         }
@@ -360,9 +367,14 @@ impl Federation {
                 allowed: "a checkpoint of a run with the same model, adapters and clients",
             });
         }
+        if checkpoint.init_seed != self.init_seed {
+            self.template = self.model.init_state(checkpoint.init_seed)?;
+            self.init_seed = checkpoint.init_seed;
+        }
         self.next_round = checkpoint.next_round;
         self.state = checkpoint.state;
         self.privacy = checkpoint.privacy;
+        self.refresh_base()?;
         Ok(())
     }
 
@@ -430,11 +442,18 @@ impl Federation {
         }
 
         let mut server_seconds = 0.0;
+        let mut refactorized = false;
         if !updates.is_empty() {
             let step = self
                 .strategy
                 .apply(&mut self.state, &updates, round, &mut server_rng)?;
             server_seconds = step.seconds;
+            refactorized = step.refactorized;
+            if self.strategy.merges_into_base() {
+                let started = Instant::now();
+                self.refresh_base()?;
+                server_seconds += started.elapsed().as_secs_f64();
+            }
         }
         for &k in &eligible {
             let p = &mut self.privacy[k];
@@ -458,7 +477,7 @@ impl Federation {
         } else {
             None
         };
-        let client_epsilons = self
+        let client_epsilon = self
             .privacy
             .iter()
             .map(|p| {
@@ -468,25 +487,62 @@ impl Federation {
                     .transpose()
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let max_epsilon = client_epsilons
+        let max_epsilon = client_epsilon
             .iter()
             .flatten()
             .copied()
             .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
         Ok(RoundMetrics {
-            round,
+            round: round + 1,
             method: self.strategy.name().to_string(),
             sampled_clients: sampled,
-            skipped_clients: skipped,
+            trained_clients: eligible,
+            budget_exhausted_clients: skipped,
             train_loss,
             eval_accuracy: eval.map(|e| e.accuracy),
             eval_loss: eval.map(|e| e.loss),
             max_epsilon,
-            client_epsilons,
+            client_epsilon,
             bytes_uploaded: updates.len() * self.strategy.upload_parameters(&self.state) * 4,
+            refactorized,
             server_seconds,
             round_seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The frozen weights clients train on: the base weights plus every
+    /// merged delta (FLoRA, FedEx-LoRA); the base weights themselves for the
+    /// other methods. One copy, shared by every client.
+    pub fn merged_weights(&self) -> &Arc<BertWeights> {
+        self.model.weights()
+    }
+
+    /// The model over the current frozen weights, with the method's adapters.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Rebuilds the shared frozen weights as W0 + Δ from the global state.
+    /// Recomputed from the base (not accumulated in place) so a resumed run
+    /// holds exactly the weights of an uninterrupted one.
+    fn refresh_base(&mut self) -> Result<()> {
+        let weights = if self.state.base_delta_parameters() == 0 {
+            Arc::clone(&self.base_weights)
+        } else {
+            Arc::new(weights_with_deltas(
+                &self.base_weights,
+                &self.template,
+                &self.state,
+            )?)
+        };
+        if !Arc::ptr_eq(&weights, self.model.weights()) {
+            self.model = Model::new(
+                weights,
+                self.model.lora_config().clone(),
+                *self.model.head_config(),
+            )?;
+        }
+        Ok(())
     }
 
     fn train_client(
@@ -585,6 +641,59 @@ fn calibrate_clients(
             })
         })
         .collect()
+}
+
+/// `W0 + Δ` for every module of `state` that carries a merged delta. The
+/// modules follow the adapters of `template` (the model's fixed order).
+pub fn weights_with_deltas(
+    base: &BertWeights,
+    template: &LoraState,
+    state: &GlobalState,
+) -> Result<BertWeights> {
+    if state.modules.len() != template.adapters.len() {
+        return Err(Error::ShapeMismatch {
+            context: "global state: number of adapted modules".into(),
+            expected: vec![template.adapters.len()],
+            actual: vec![state.modules.len()],
+        });
+    }
+    let mut weights = base.clone();
+    let hidden = base.config.hidden_size;
+    for (module, adapter) in state.modules.iter().zip(&template.adapters) {
+        let Some(delta) = &module.base_delta else {
+            continue;
+        };
+        let layer = weights
+            .layers
+            .get_mut(adapter.layer)
+            .ok_or_else(|| Error::ShapeMismatch {
+                context: format!("base delta of {}: layer index", module.name),
+                expected: vec![base.layers.len()],
+                actual: vec![adapter.layer],
+            })?;
+        // q, k and v are stored fused as rows [q; k; v] of one [3h, h] matrix.
+        let (linear, first_row) = match adapter.target {
+            Target::Query => (&mut layer.qkv, 0),
+            Target::Key => (&mut layer.qkv, hidden),
+            Target::Value => (&mut layer.qkv, 2 * hidden),
+            Target::AttentionOutput => (&mut layer.attn_out, 0),
+            Target::Intermediate => (&mut layer.intermediate, 0),
+            Target::Output => (&mut layer.output, 0),
+        };
+        let (rows, cols) = delta.dim();
+        if cols != linear.d_in || first_row + rows > linear.d_out || rows != adapter.d_out {
+            return Err(Error::ShapeMismatch {
+                context: format!("base delta of {}", module.name),
+                expected: vec![adapter.d_out, linear.d_in],
+                actual: vec![rows, cols],
+            });
+        }
+        let block = &mut linear.weight[first_row * cols..(first_row + rows) * cols];
+        for (w, d) in block.iter_mut().zip(delta.iter()) {
+            *w += *d;
+        }
+    }
+    Ok(weights)
 }
 
 /// The module name of adapter `i` of a state, as in reports and exports.

@@ -12,6 +12,8 @@ pub mod adapters;
 pub mod client;
 pub mod error;
 pub mod federation;
+pub mod run;
+pub mod runner;
 pub mod sampling;
 pub mod strategy;
 
@@ -22,7 +24,12 @@ pub use client::{
 pub use error::{Error, Result};
 pub use federation::{
     BudgetRule, ClientPrivacy, Federation, FederationCheckpoint, FederationConfig, PrivacyConfig,
-    RoundMetrics, TrainingConfig,
+    RoundMetrics, TrainingConfig, weights_with_deltas,
 };
+pub use run::{
+    AdapterConfig, DataConfig, FileSource, ModelConfig, PartitionConfig, PoolingConfig,
+    PreparedData, RunConfig, load_weights, prepare_data,
+};
+pub use runner::{RunSummary, Runner};
 pub use sampling::sample_clients;
 pub use strategy::{Method, ServerStep, Strategy, SvdSolver};

@@ -27,7 +27,7 @@ pub enum SvdSolver {
 
 /// The federated method, as written in a run's configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "name")]
+#[serde(rename_all = "kebab-case", tag = "name", deny_unknown_fields)]
 pub enum Method {
     /// FedAvg-LoRA: clients train A and B; the server averages both.
     Fedavg,

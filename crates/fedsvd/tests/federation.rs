@@ -192,7 +192,7 @@ fn the_expected_budget_rule_stops_clients_at_their_budget() {
     let mut skipped = 0;
     while !f.finished() {
         let m = f.run_round().unwrap();
-        skipped += m.skipped_clients.len();
+        skipped += m.budget_exhausted_clients.len();
         assert!(m.max_epsilon.unwrap() <= 2.0, "{m:?}");
     }
     // K' = K, so the expected rule equals the conservative one here.
@@ -205,7 +205,7 @@ fn the_expected_budget_rule_stops_clients_at_their_budget() {
     let mut skipped = 0;
     while !f.finished() {
         let m = f.run_round().unwrap();
-        skipped += m.skipped_clients.len();
+        skipped += m.budget_exhausted_clients.len();
         assert!(m.max_epsilon.unwrap() <= 2.0, "{m:?}");
     }
     let taken: u64 = f
@@ -237,20 +237,62 @@ fn every_supported_method_runs_and_ffa_never_moves_a() {
         let moved = f.state().modules.iter().zip(&a0).any(|(m, a)| m.a != *a);
         assert_eq!(moved, method != Method::Ffa, "{method}");
     }
-    // Merging methods are refused until the model applies base deltas.
-    for method in [Method::Flora, Method::Fedex] {
-        let clients = vec![synthetic(10, 1), synthetic(10, 2)];
-        let err = Federation::new(
-            config(method, None, 2),
-            random_weights(&tiny_config()).unwrap(),
-            lora(),
-            head(),
-            clients,
-            synthetic(5, 3),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("base-weight deltas"), "{err}");
-    }
+}
+
+#[test]
+fn merging_methods_fold_the_round_into_the_weights_clients_use() {
+    // One client per round: FedAvg's global model after round 1 is exactly
+    // that client's model; FLoRA must fold the same s·B·A into W0 (and restart
+    // the adapters), FedEx must add no correction. Their held-out loss after
+    // round 1 must therefore match FedAvg's up to f32 rounding, which would
+    // fail if the merged delta were dropped (B = 0 after FLoRA's restart).
+    let after_first_round = |method| {
+        let c = FederationConfig {
+            clients_per_round: 1,
+            eval_every: 1,
+            ..config(method, None, 3)
+        };
+        let mut f = federation(c);
+        let first = f.run_round().unwrap();
+        let mut later = Vec::new();
+        while !f.finished() {
+            later.push(f.run_round().unwrap());
+        }
+        (first, later, f)
+    };
+    let (fedavg, _, _) = after_first_round(Method::Fedavg);
+    let (flora, flora_later, flora_fed) = after_first_round(Method::Flora);
+    let (fedex, _, fedex_fed) = after_first_round(Method::Fedex);
+    let loss = |m: &fedsvd::RoundMetrics| m.eval_loss.unwrap();
+    assert!(flora.refactorized);
+    assert!(
+        (loss(&fedavg) - loss(&flora)).abs() < 1e-4,
+        "{fedavg:?} {flora:?}"
+    );
+    assert!(
+        (loss(&fedavg) - loss(&fedex)).abs() < 1e-4,
+        "{fedavg:?} {fedex:?}"
+    );
+    assert!(
+        flora_later
+            .iter()
+            .all(|m| m.train_loss.unwrap().is_finite())
+    );
+    // The merged weights differ from the base and carry the deltas.
+    assert!(flora_fed.state().base_delta_parameters() > 0);
+    assert_ne!(
+        flora_fed.merged_weights().layers[0].qkv.weight,
+        random_weights(&tiny_config()).unwrap().layers[0].qkv.weight
+    );
+    // FedEx with one client adds a zero correction.
+    let max_correction = fedex_fed
+        .state()
+        .modules
+        .iter()
+        .filter_map(|m| m.base_delta.as_ref())
+        .flat_map(|d| d.iter().map(|x| x.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(max_correction < 1e-6, "{max_correction}");
 }
 
 fn local(privatization: Privatization, batch: usize) -> LocalTraining {
