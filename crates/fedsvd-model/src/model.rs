@@ -42,6 +42,13 @@ struct Packing {
 }
 
 impl Packing {
+    /// One row per example (the [CLS] rows of a last layer computed for the
+    /// pooler only).
+    fn one_per_example(examples: usize) -> Self {
+        Packing {
+            offsets: (0..=examples).collect(),
+        }
+    }
     fn new(batch: &Batch) -> Self {
         let mut offsets = Vec::with_capacity(batch.len() + 1);
         offsets.push(0);
@@ -80,6 +87,8 @@ struct AdapterTape {
     mask: Option<Vec<f32>>,
     /// `H = dropout(x) Aᵀ`, `[tokens, r]`.
     h: Vec<f32>,
+    /// Rows are tokens (false: one row per example, see `Packing::one_per_example`).
+    per_token: bool,
 }
 
 /// What one layer keeps for the backward pass.
@@ -96,6 +105,9 @@ struct LayerTape {
     xhat2: Vec<f32>,
     rstd2: Vec<f32>,
     adapters: Vec<(usize, AdapterTape)>,
+    /// The rows kept after attention: every token, or only each example's
+    /// [CLS] row in a last layer that feeds the [CLS] pooler.
+    qpack: Packing,
 }
 
 /// Dropout of the adapters in a training pass.
@@ -366,7 +378,11 @@ impl Model {
             &mut y[col0..],
             rsy,
         );
-        AdapterTape { mask, h: hbuf }
+        AdapterTape {
+            mask,
+            h: hbuf,
+            per_token: true,
+        }
     }
 
     /// Backward of one adapter: records its gradient factors and adds its
@@ -455,7 +471,7 @@ impl Model {
                 du: r,
                 v,
                 dv: ad.d_in,
-                per_token: true,
+                per_token: tape.per_token,
             });
         }
         if let Some(slot) = slots.b[index] {
@@ -466,13 +482,15 @@ impl Model {
                 du: ad.d_out,
                 v: tape.h,
                 dv: r,
-                per_token: true,
+                per_token: tape.per_token,
             });
         }
     }
 
     /// One encoder layer. Returns the layer output and, when `keep`, what the
-    /// backward pass needs.
+    /// backward pass needs. With `cls_only` everything after attention runs
+    /// on each example's [CLS] row alone (the output is `[batch, h]`).
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         l: usize,
@@ -481,6 +499,7 @@ impl Model {
         pack: &Packing,
         dropout: Option<Dropout>,
         keep: bool,
+        cls_only: bool,
     ) -> (Vec<f32>, Option<LayerTape>) {
         let c = &self.weights.config;
         let lw = &self.weights.layers[l];
@@ -517,21 +536,30 @@ impl Model {
         }
 
         // Scaled dot-product attention, one example at a time (no padding).
+        // When only the [CLS] rows feed the head, only they are queried and
+        // everything after attention runs on those rows alone.
+        let qpack = if cls_only {
+            Packing::one_per_example(pack.examples())
+        } else {
+            Packing {
+                offsets: pack.offsets.clone(),
+            }
+        };
+        let nq = qpack.tokens();
         let nh = c.num_attention_heads;
         let dh = c.head_dim();
         let scale = 1.0 / (dh as f32).sqrt();
         let poffs: Vec<usize> = {
             let mut o = vec![0usize];
             for i in 0..pack.examples() {
-                let li = pack.len(i);
-                o.push(o[i] + nh * li * li);
+                o.push(o[i] + nh * qpack.len(i) * pack.len(i));
             }
             o
         };
         let mut probs = vec![0.0f32; *poffs.last().unwrap_or(&0)];
-        let mut ctx = vec![0.0f32; n * h];
+        let mut ctx = vec![0.0f32; nq * h];
         {
-            let ctx_rows = split_rows(&mut ctx, &pack.offsets, h);
+            let ctx_rows = split_rows(&mut ctx, &qpack.offsets, h);
             let prob_rows = split_rows(&mut probs, &poffs, 1);
             ctx_rows
                 .into_par_iter()
@@ -539,11 +567,12 @@ impl Model {
                 .enumerate()
                 .for_each(|(i, (cr, pr))| {
                     let li = pack.len(i);
+                    let lq = qpack.len(i);
                     let q = &qkv[pack.offsets[i] * 3 * h..pack.offsets[i + 1] * 3 * h];
                     for hd in 0..nh {
-                        let p = &mut pr[hd * li * li..(hd + 1) * li * li];
+                        let p = &mut pr[hd * lq * li..(hd + 1) * lq * li];
                         ops::gemm(
-                            li,
+                            lq,
                             dh,
                             li,
                             scale,
@@ -566,7 +595,7 @@ impl Model {
                             ops::softmax_row(row);
                         }
                         ops::gemm(
-                            li,
+                            lq,
                             li,
                             dh,
                             1.0,
@@ -585,29 +614,39 @@ impl Model {
                 });
         }
 
-        let mut r1 = vec![0.0f32; n * h];
+        let mut r1 = vec![0.0f32; nq * h];
         ops::linear(&ctx, &lw.attn_out.weight, &lw.attn_out.bias, h, h, &mut r1);
         for &(ai, target) in &adapters_here {
             if target == Target::AttentionOutput {
-                let tp = self.adapter_forward(
+                let mut tp = self.adapter_forward(
                     state.expect("adapters only with a state"),
                     ai,
                     &ctx,
                     &mut r1,
                     h,
                     0,
-                    pack,
+                    &qpack,
                     dropout,
                 );
+                tp.per_token = !cls_only;
                 adapter_tapes.push((ai, tp));
             }
         }
-        r1.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
-        let mut y1 = vec![0.0f32; n * h];
+        if cls_only {
+            for (i, row) in r1.chunks_exact_mut(h).enumerate() {
+                let o = pack.offsets[i];
+                row.iter_mut()
+                    .zip(&x[o * h..(o + 1) * h])
+                    .for_each(|(a, b)| *a += b);
+            }
+        } else {
+            r1.par_chunks_mut(4096)
+                .zip(x.par_chunks(4096))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        }
+        let mut y1 = vec![0.0f32; nq * h];
         let (mut xhat1, mut rstd1) = if keep {
-            (vec![0.0f32; n * h], vec![0.0f32; n])
+            (vec![0.0f32; nq * h], vec![0.0f32; nq])
         } else {
             (Vec::new(), Vec::new())
         };
@@ -621,7 +660,7 @@ impl Model {
         );
         drop(r1);
 
-        let mut inter = vec![0.0f32; n * ff];
+        let mut inter = vec![0.0f32; nq * ff];
         ops::linear(
             &y1,
             &lw.intermediate.weight,
@@ -632,51 +671,53 @@ impl Model {
         );
         for &(ai, target) in &adapters_here {
             if target == Target::Intermediate {
-                let tp = self.adapter_forward(
+                let mut tp = self.adapter_forward(
                     state.expect("adapters only with a state"),
                     ai,
                     &y1,
                     &mut inter,
                     ff,
                     0,
-                    pack,
+                    &qpack,
                     dropout,
                 );
+                tp.per_token = !cls_only;
                 adapter_tapes.push((ai, tp));
             }
         }
         let mut gelu_d = if keep {
-            vec![0.0f32; n * ff]
+            vec![0.0f32; nq * ff]
         } else {
             Vec::new()
         };
         ops::gelu(&mut inter, keep.then_some(&mut gelu_d[..]));
 
-        let mut r2 = vec![0.0f32; n * h];
+        let mut r2 = vec![0.0f32; nq * h];
         ops::linear(&inter, &lw.output.weight, &lw.output.bias, ff, h, &mut r2);
         let mut output_adapter = false;
         for &(ai, target) in &adapters_here {
             if target == Target::Output {
                 output_adapter = true;
-                let tp = self.adapter_forward(
+                let mut tp = self.adapter_forward(
                     state.expect("adapters only with a state"),
                     ai,
                     &inter,
                     &mut r2,
                     h,
                     0,
-                    pack,
+                    &qpack,
                     dropout,
                 );
+                tp.per_token = !cls_only;
                 adapter_tapes.push((ai, tp));
             }
         }
         r2.par_chunks_mut(4096)
             .zip(y1.par_chunks(4096))
             .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
-        let mut out = vec![0.0f32; n * h];
+        let mut out = vec![0.0f32; nq * h];
         let (mut xhat2, mut rstd2) = if keep {
-            (vec![0.0f32; n * h], vec![0.0f32; n])
+            (vec![0.0f32; nq * h], vec![0.0f32; nq])
         } else {
             (Vec::new(), Vec::new())
         };
@@ -701,6 +742,7 @@ impl Model {
             xhat2,
             rstd2,
             adapters: adapter_tapes,
+            qpack,
         });
         (out, tape)
     }
@@ -736,7 +778,9 @@ impl Model {
             xhat2,
             rstd2,
             adapters,
+            qpack,
         } = tape;
+        let nq = qpack.tokens();
         let mut tapes: Vec<Option<(usize, AdapterTape)>> = adapters.into_iter().map(Some).collect();
         let mut take = |target: Target| -> Option<(usize, AdapterTape)> {
             let pos = tapes.iter().position(|t| {
@@ -749,7 +793,7 @@ impl Model {
         // Output LayerNorm and output.dense.
         ops::layer_norm_backward(&mut dy, &xhat2, &rstd2, &lw.output_ln.gamma);
         let dr2 = dy;
-        let mut dg = vec![0.0f32; n * ff];
+        let mut dg = vec![0.0f32; nq * ff];
         ops::linear_backward(&dr2, &lw.output.weight, ff, h, &mut dg, false);
         if let Some((ai, tp)) = take(Target::Output) {
             let g = gelu_out.as_deref().unwrap_or(&[]);
@@ -782,7 +826,7 @@ impl Model {
         let dr1 = dy1;
 
         // attention.output.dense.
-        let mut dctx = vec![0.0f32; n * h];
+        let mut dctx = vec![0.0f32; nq * h];
         ops::linear_backward(&dr1, &lw.attn_out.weight, h, h, &mut dctx, false);
         if let Some((ai, tp)) = take(Target::AttentionOutput) {
             self.adapter_backward(
@@ -805,23 +849,26 @@ impl Model {
         let scale = 1.0 / (dh as f32).sqrt();
         let mut poffs = vec![0usize];
         for i in 0..pack.examples() {
-            let li = pack.len(i);
-            poffs.push(poffs[i] + nh * li * li);
+            poffs.push(poffs[i] + nh * qpack.len(i) * pack.len(i));
         }
+        // Keys get no gradient below the lowest layer that passes one on,
+        // unless a key adapter trains.
+        let need_dk = need_dx || slots_train_key(state, l, &self.lora);
         let mut dqkv = vec![0.0f32; n * 3 * h];
         {
             let rows = split_rows(&mut dqkv, &pack.offsets, 3 * h);
             rows.into_par_iter().enumerate().for_each(|(i, dq)| {
                 let li = pack.len(i);
+                let lq = qpack.len(i);
                 let o = pack.offsets[i];
                 let q = &qkv[o * 3 * h..(o + li) * 3 * h];
-                let dc = &dctx[o * h..(o + li) * h];
-                let mut dp = vec![0.0f32; li * li];
+                let dc = &dctx[qpack.offsets[i] * h..qpack.offsets[i + 1] * h];
+                let mut dp = vec![0.0f32; lq * li];
                 for hd in 0..nh {
-                    let p = &probs[poffs[i] + hd * li * li..poffs[i] + (hd + 1) * li * li];
+                    let p = &probs[poffs[i] + hd * lq * li..poffs[i] + (hd + 1) * lq * li];
                     // dP = dC_h V_hᵀ
                     ops::gemm(
-                        li,
+                        lq,
                         dh,
                         li,
                         1.0,
@@ -843,7 +890,7 @@ impl Model {
                     // dV_h = Pᵀ dC_h
                     ops::gemm(
                         li,
-                        li,
+                        lq,
                         dh,
                         1.0,
                         View::rm_t(p, li),
@@ -866,7 +913,7 @@ impl Model {
                     }
                     // dQ_h = dS K_h ; dK_h = dSᵀ Q_h
                     ops::gemm(
-                        li,
+                        lq,
                         li,
                         dh,
                         1.0,
@@ -881,22 +928,24 @@ impl Model {
                         3 * h,
                         1,
                     );
-                    ops::gemm(
-                        li,
-                        li,
-                        dh,
-                        1.0,
-                        View::rm_t(&dp, li),
-                        View {
-                            data: &q[hd * dh..],
-                            rs: 3 * h,
-                            cs: 1,
-                        },
-                        0.0,
-                        &mut dq[h + hd * dh..],
-                        3 * h,
-                        1,
-                    );
+                    if need_dk {
+                        ops::gemm(
+                            li,
+                            lq,
+                            dh,
+                            1.0,
+                            View::rm_t(&dp, li),
+                            View {
+                                data: &q[hd * dh..],
+                                rs: 3 * h,
+                                cs: 1,
+                            },
+                            0.0,
+                            &mut dq[h + hd * dh..],
+                            3 * h,
+                            1,
+                        );
+                    }
                 }
             });
         }
@@ -905,7 +954,17 @@ impl Model {
 
         // Query/key/value projections and the residual around attention.
         let mut dx = if need_dx {
-            let mut dx = dr1;
+            let mut dx = if nq == n {
+                dr1
+            } else {
+                // Only the [CLS] rows passed through the residual.
+                let mut dx = vec![0.0f32; n * h];
+                for (i, row) in dr1.chunks_exact(h).enumerate() {
+                    let o = pack.offsets[i];
+                    dx[o * h..(o + 1) * h].copy_from_slice(row);
+                }
+                dx
+            };
             ops::linear_backward(&dqkv, &lw.qkv.weight, h, 3 * h, &mut dx, true);
             Some(dx)
         } else {
@@ -930,8 +989,10 @@ impl Model {
         dx
     }
 
-    /// Final hidden states `[tokens, h]` of the packed batch, and the tapes
-    /// when `keep`.
+    /// Final hidden states of the packed batch, and the tapes of the layers
+    /// from `keep_from` on. With `cls_last` the last layer computes only
+    /// each example's [CLS] row (all the [CLS] pooler reads), so the result
+    /// is `[batch, h]` instead of `[tokens, h]`; see [`Model::cls_rows_only`].
     fn encode(
         &self,
         state: Option<&LoraState>,
@@ -939,18 +1000,41 @@ impl Model {
         pack: &Packing,
         dropout: Option<Dropout>,
         keep_from: Option<usize>,
+        cls_last: bool,
     ) -> (Vec<f32>, Vec<LayerTape>) {
         let mut x = self.embed_tokens(batch, pack);
         let mut tapes = Vec::new();
-        for l in 0..self.weights.layers.len() {
+        let layers = self.weights.layers.len();
+        for l in 0..layers {
             let keep = keep_from.is_some_and(|k| l >= k);
-            let (y, tape) = self.layer_forward(l, x, state, pack, dropout, keep);
+            let cls_only = cls_last && l + 1 == layers;
+            let (y, tape) = self.layer_forward(l, x, state, pack, dropout, keep, cls_only);
             if let Some(t) = tape {
                 tapes.push(t);
             }
             x = y;
         }
         (x, tapes)
+    }
+
+    /// Whether the head reads only the [CLS] rows of the last layer, so the
+    /// last layer's feed-forward block (after attention) can skip every
+    /// other token. The packing of the final hidden states is then one row
+    /// per example.
+    fn cls_rows_only(&self) -> bool {
+        self.head.pooling == Pooling::ClsPooler && !self.weights.layers.is_empty()
+    }
+
+    /// The packing of the final hidden states returned by `encode` with
+    /// `cls_last = self.cls_rows_only()`.
+    fn hidden_packing(&self, pack: &Packing) -> Packing {
+        if self.cls_rows_only() {
+            Packing::one_per_example(pack.examples())
+        } else {
+            Packing {
+                offsets: pack.offsets.clone(),
+            }
+        }
     }
 
     /// `[batch, h]` pooled features (after the pooler's tanh for
@@ -1001,8 +1085,8 @@ impl Model {
             return Ok(Vec::new());
         }
         let pack = Packing::new(batch);
-        let (hidden, _) = self.encode(Some(state), batch, &pack, None, None);
-        let pooled = self.pool(&hidden, &pack);
+        let (hidden, _) = self.encode(Some(state), batch, &pack, None, None, self.cls_rows_only());
+        let pooled = self.pool(&hidden, &self.hidden_packing(&pack));
         Ok(self.classify(state, &pooled, batch.len()))
     }
 
@@ -1017,7 +1101,7 @@ impl Model {
             return Ok(Vec::new());
         }
         let pack = Packing::new(batch);
-        Ok(self.encode(state, batch, &pack, None, None).0)
+        Ok(self.encode(state, batch, &pack, None, None, false).0)
     }
 
     /// Sentence embeddings `[batch, h]`: mean of the final hidden states over
@@ -1086,12 +1170,20 @@ impl Model {
         let (hidden, tapes) = if b == 0 {
             (Vec::new(), Vec::new())
         } else {
-            self.encode(Some(state), batch, &pack, dropout, lowest)
+            self.encode(
+                Some(state),
+                batch,
+                &pack,
+                dropout,
+                lowest,
+                self.cls_rows_only(),
+            )
         };
+        let hpack = self.hidden_packing(&pack);
         let pooled = if b == 0 {
             Vec::new()
         } else {
-            self.pool(&hidden, &pack)
+            self.pool(&hidden, &hpack)
         };
         let logits = self.classify(state, &pooled, b);
 
@@ -1145,7 +1237,7 @@ impl Model {
                 h,
                 1,
             );
-            let n = pack.tokens();
+            let n = hpack.tokens();
             let mut dy = vec![0.0f32; n * h];
             match self.head.pooling {
                 Pooling::Mean => {
@@ -1170,7 +1262,7 @@ impl Model {
                     let mut dcls = vec![0.0f32; b * h];
                     ops::linear_backward(&dp, &pooler.weight, h, h, &mut dcls, false);
                     for i in 0..b {
-                        let o = pack.offsets[i];
+                        let o = hpack.offsets[i];
                         dy[o * h..(o + 1) * h].copy_from_slice(&dcls[i * h..(i + 1) * h]);
                     }
                 }
@@ -1299,4 +1391,14 @@ impl SlotIndex {
         }
         s
     }
+}
+
+/// Whether layer `l` has a key adapter with a trainable factor (its factors
+/// need the key gradient even where no input gradient is passed on).
+fn slots_train_key(state: &LoraState, l: usize, lora: &LoraConfig) -> bool {
+    (lora.train_a || lora.train_b)
+        && state
+            .adapters
+            .iter()
+            .any(|a| a.layer == l && a.target == Target::Key)
 }
