@@ -86,6 +86,27 @@ pub enum Error {
     /// A parameter supplied by the caller contains NaN or infinity.
     #[error("{0} contains a non-finite value")]
     NonFinite(String),
+    /// An exported adapter or checkpoint folder is malformed or uses a PEFT
+    /// feature fedsvd cannot represent.
+    #[error("invalid adapter {path}: {message}")]
+    Adapter {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The trained state has no equivalent in the Hugging Face format asked
+    /// for (e.g. mean pooling, which `BertForSequenceClassification` lacks).
+    #[error("cannot export: {0}")]
+    NotExportable(String),
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
 }
 
 /// The crate's result type.

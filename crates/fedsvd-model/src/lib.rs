@@ -9,6 +9,7 @@ mod grad;
 mod lora;
 mod model;
 mod ops;
+pub mod peft;
 pub mod testing;
 mod tokenizer;
 mod weights;
@@ -23,6 +24,10 @@ pub use lora::{
     Adapter, HeadConfig, LoraConfig, LoraState, ParamKind, ParamLayout, ParamSlot, Pooling, Target,
 };
 pub use model::{EvalMetrics, Model};
+pub use peft::{
+    AdapterSidecar, ExportKind, ExportMeta, MergedCheckpoint, PeftAdapter, load_merged_checkpoint,
+    load_peft_adapter, save_merged_checkpoint, save_peft_adapter,
+};
 pub use tokenizer::{Batch, Tokenizer};
 pub use weights::{BertWeights, LayerNorm, LayerWeights, Linear, write_safetensors};
 
