@@ -11,6 +11,7 @@ mod bench_svd;
 mod data;
 mod embed;
 mod privacy;
+mod report;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Sentence embeddings (mean-pooled, L2-normalized) from the local MiniLM.
     Embed(embed::EmbedArgs),
+    /// Results tables (markdown, CSV) and accuracy plots (SVG, PNG) from
+    /// finished run folders.
+    Report(report::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Privacy(command) => privacy::run(command),
         Command::Bench(command) => bench::run(command),
         Command::Embed(args) => embed::run(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
