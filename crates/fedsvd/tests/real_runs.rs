@@ -12,8 +12,8 @@
 //! the tiny model (clipping bound, noise scale, ledgers).
 
 use fedsvd::{
-    AdapterConfig, BudgetRule, DataConfig, FederationConfig, Method, ModelConfig,
-    PartitionConfig, PoolingConfig, PrivacyConfig, RunConfig, Runner, TrainingConfig,
+    AdapterConfig, BudgetRule, DataConfig, FederationConfig, Method, ModelConfig, PartitionConfig,
+    PoolingConfig, PrivacyConfig, RunConfig, Runner, TrainingConfig,
 };
 use fedsvd_dp::AccountantKind;
 

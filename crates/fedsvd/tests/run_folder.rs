@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use fedsvd::runner::files;
 use fedsvd::{
-    AdapterConfig, BudgetRule, DataConfig, FederationConfig, Method, ModelConfig,
-    PartitionConfig, PoolingConfig, PrivacyConfig, RunConfig, Runner, TrainingConfig,
+    AdapterConfig, BudgetRule, DataConfig, FederationConfig, Method, ModelConfig, PartitionConfig,
+    PoolingConfig, PrivacyConfig, RunConfig, Runner, TrainingConfig,
 };
 use fedsvd_dp::AccountantKind;
 
@@ -88,7 +88,10 @@ fn resume_after_a_crash_reproduces_the_uninterrupted_run_bit_for_bit() {
     let mut runner = Runner::create(config.clone(), &straight, &assets()).unwrap();
     let summary = runner.run_to_end(|_| {}).unwrap();
     assert_eq!(summary.completed_rounds, 4);
-    assert!(!summary.release_ready, "a seeded run is not fit for release");
+    assert!(
+        !summary.release_ready,
+        "a seeded run is not fit for release"
+    );
     assert!(summary.max_epsilon_spent.unwrap() <= 6.0);
     for name in [
         files::CONFIG,
@@ -119,7 +122,10 @@ fn resume_after_a_crash_reproduces_the_uninterrupted_run_bit_for_bit() {
     assert_eq!(resumed.history().len(), 2);
     resumed.run_to_end(|_| {}).unwrap();
 
-    assert_eq!(comparable_metrics(&straight), comparable_metrics(&interrupted));
+    assert_eq!(
+        comparable_metrics(&straight),
+        comparable_metrics(&interrupted)
+    );
     assert_eq!(
         fs::read(straight.join(files::CHECKPOINT)).unwrap(),
         fs::read(interrupted.join(files::CHECKPOINT)).unwrap(),
@@ -153,7 +159,10 @@ fn merging_methods_resume_with_their_merged_weights() {
         .unwrap()
         .run_to_end(|_| {})
         .unwrap();
-    assert_eq!(comparable_metrics(&straight), comparable_metrics(&interrupted));
+    assert_eq!(
+        comparable_metrics(&straight),
+        comparable_metrics(&interrupted)
+    );
 }
 
 #[test]
