@@ -10,6 +10,7 @@ mod bench_step;
 mod bench_svd;
 mod data;
 mod embed;
+mod predict;
 mod privacy;
 mod report;
 
@@ -45,6 +46,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Sentence embeddings (mean-pooled, L2-normalized) from the local MiniLM.
     Embed(embed::EmbedArgs),
+    /// Classify texts with an exported adapter or merged checkpoint (labels
+    /// and class probabilities).
+    Predict(predict::PredictArgs),
     /// Results tables (markdown, CSV) and accuracy plots (SVG, PNG) from
     /// finished run folders.
     Report(report::ReportArgs),
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Privacy(command) => privacy::run(command),
         Command::Bench(command) => bench::run(command),
         Command::Embed(args) => embed::run(args),
+        Command::Predict(args) => predict::run(args),
         Command::Report(args) => report::run(args),
     };
     match result {

@@ -1,0 +1,170 @@
+//! `fedsvd predict` on exports of the real MiniLM with random non-zero
+//! adapters: the logits it prints are those of the in-memory model that was
+//! exported. Needs the model assets (`fedsvd assets fetch`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use fedsvd_model::testing::random_values;
+use fedsvd_model::{
+    BertWeights, ExportMeta, HeadConfig, LoraConfig, LoraState, Model, Pooling, Target, Tokenizer,
+    minilm_dir, save_merged_checkpoint, save_peft_adapter,
+};
+
+const TEXTS: [&str; 3] = [
+    "a gripping, beautifully acted film",
+    "the plot is a tedious mess",
+    "fine",
+];
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("fedsvd-predict-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn randomize(state: &mut LoraState, seed: u64) {
+    for (i, ad) in state.adapters.iter_mut().enumerate() {
+        ad.b = random_values(ad.b.len(), seed + i as u64, 0.1);
+    }
+    state.head_weight = random_values(state.head_weight.len(), seed + 500, 0.3);
+    state.head_bias = random_values(state.head_bias.len(), seed + 501, 0.3);
+}
+
+fn predict(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+        .arg("predict")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fedsvd predict failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn check(printed: &serde_json::Value, model: &Model, state: &LoraState, tok: &Tokenizer) {
+    let batch = tok.encode(&TEXTS).unwrap();
+    let want = model.logits(state, &batch).unwrap();
+    let n = model.head_config().num_labels;
+    let preds = printed["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), TEXTS.len());
+    for (i, p) in preds.iter().enumerate() {
+        assert_eq!(p["text"], TEXTS[i]);
+        let got: Vec<f64> = p["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (g, w) in got.iter().zip(&want[i * n..(i + 1) * n]) {
+            assert!((g - *w as f64).abs() < 1e-4, "text {i}: {g} vs {w}");
+        }
+        let probs: Vec<f64> = p["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        let k = p["label_index"].as_u64().unwrap() as usize;
+        assert!(probs.iter().all(|&q| q <= probs[k]));
+        assert_eq!(p["label"], printed["labels"][k]);
+    }
+}
+
+fn setup() -> (PathBuf, Arc<BertWeights>, Tokenizer) {
+    let dir = minilm_dir().unwrap_or_else(|e| panic!("{e}"));
+    let w = BertWeights::from_dir(&dir).unwrap();
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"), 32).unwrap();
+    (dir, w, tok)
+}
+
+fn meta(dir: &Path) -> ExportMeta {
+    ExportMeta {
+        base_model: dir.display().to_string(),
+        tokenizer: dir.join("tokenizer.json").display().to_string(),
+        max_len: 32,
+        labels: Some(vec!["neg".into(), "pos".into()]),
+        method: None,
+    }
+}
+
+#[test]
+fn predict_reproduces_the_exported_adapter() {
+    let (dir, w, tok) = setup();
+    let head = HeadConfig {
+        num_labels: 2,
+        pooling: Pooling::ClsPooler,
+    };
+    let model = Model::new(w.clone(), LoraConfig::default(), head).unwrap();
+    let mut state = model.init_state(3).unwrap();
+    randomize(&mut state, 40);
+    let out = Scratch::new("adapter");
+    save_peft_adapter(
+        &out.0,
+        &w.config,
+        model.lora_config(),
+        &head,
+        &state,
+        &meta(&dir),
+    )
+    .unwrap();
+    let printed = predict(&[
+        "--adapter",
+        out.0.to_str().unwrap(),
+        "--json",
+        TEXTS[0],
+        TEXTS[1],
+        TEXTS[2],
+    ]);
+    assert_eq!(printed["kind"], "peft_lora");
+    assert_eq!(printed["max_len"], 32);
+    assert_eq!(printed["labels"], serde_json::json!(["neg", "pos"]));
+    check(&printed, &model, &state, &tok);
+}
+
+#[test]
+fn predict_reproduces_the_merged_checkpoint() {
+    let (dir, w, tok) = setup();
+    let head = HeadConfig {
+        num_labels: 2,
+        pooling: Pooling::ClsPooler,
+    };
+    let lora = LoraConfig {
+        rank: 2,
+        targets: vec![Target::Value, Target::Intermediate],
+        ..LoraConfig::default()
+    };
+    let model = Model::new(w.clone(), lora, head).unwrap();
+    let mut state = model.init_state(4).unwrap();
+    randomize(&mut state, 80);
+    let out = Scratch::new("merged");
+    save_merged_checkpoint(&out.0, &w, model.lora_config(), &head, &state, &meta(&dir)).unwrap();
+    assert!(out.0.join("tokenizer.json").is_file());
+    let printed = predict(&[
+        "--adapter",
+        out.0.to_str().unwrap(),
+        "--json",
+        TEXTS[0],
+        TEXTS[1],
+        TEXTS[2],
+    ]);
+    assert_eq!(printed["kind"], "merged_checkpoint");
+    check(&printed, &model, &state, &tok);
+}
