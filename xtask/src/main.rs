@@ -2,7 +2,10 @@
 //!
 //! Commands:
 //! - `ci`: the whole test pipeline that `.ci/run` and the README run: format
-//!   check, clippy with `-D warnings`, the asset fetch, and the test suite.
+//!   check, clippy with `-D warnings`, the asset fetch, the test suite and the
+//!   instruction-count gate.
+//! - `bench-gate [--update]`: the instruction-count regression gate (see
+//!   `bench_gate`).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
+mod bench_gate;
 mod gpu_bundle;
 mod kernels;
 
@@ -21,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot enter the workspace root {}", root.display()))?;
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("bench-gate") => bench_gate::bench_gate(&root, &args[1..]),
         Some("build-kernels") => kernels::build_kernels(&root, &args[1..]),
         Some("gpu-bundle") => gpu_bundle::gpu_bundle(&root),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -39,12 +44,15 @@ fn print_help() {
     println!();
     println!("commands:");
     println!(
-        "  ci    format check, clippy -D warnings, asset fetch, kernel compilation, all tests (what CI runs)"
+        "  ci    format check, clippy -D warnings, asset fetch, kernel compilation, all tests, bench gate (what CI runs)"
     );
     println!(
         "  build-kernels [--check]  compile kernels/*.cu to PTX with NVRTC (--check: verify only)"
     );
     println!("  gpu-bundle    release test and benchmark binaries + gpu/run.sh in gpu-bundle/");
+    println!(
+        "  bench-gate [--update]  instruction counts (gungraun/callgrind) vs crates/fedsvd-bench-gate/baseline.json; fails above +5 % (--update: rewrite the baseline)"
+    );
 }
 
 fn workspace_root() -> PathBuf {
@@ -84,6 +92,15 @@ fn ci() -> anyhow::Result<()> {
     kernels::build_kernels(&root, &["--check".to_string()])
         .context("the kernel compilation step failed")?;
     step("tests", "cargo", &["test", "--workspace"])?;
+    // After the tests: it reuses their dev-profile build, and a failing test
+    // is the more useful first message.
+    println!("==> instruction-count gate: cargo xtask bench-gate");
+    let gate_started = Instant::now();
+    bench_gate::bench_gate(&root, &[]).context("the instruction-count gate step failed")?;
+    println!(
+        "<== instruction-count gate: ok in {:.1} s",
+        gate_started.elapsed().as_secs_f64()
+    );
     println!(
         "xtask ci: all steps passed in {:.1} s",
         started.elapsed().as_secs_f64()
