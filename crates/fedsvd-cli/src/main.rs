@@ -8,11 +8,15 @@ mod assets;
 mod bench;
 mod bench_step;
 mod bench_svd;
+mod compare;
+mod config;
 mod data;
 mod embed;
+mod export;
 mod predict;
 mod privacy;
 mod report;
+mod run;
 
 use std::process::ExitCode;
 
@@ -30,8 +34,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the main job: federated DP fine-tuning of MiniLM on Rotten Tomatoes
-    /// sentiment with FedSVD (ε = 6, δ = 1e-5, 6 clients, 3 per round).
-    Run,
+    /// sentiment with FedSVD (ε = 6, δ = 1e-5, 6 clients, 3 per round), or
+    /// any configuration (presets, config files, --set overrides, resume).
+    Run(run::RunArgs),
+    /// Run a grid of methods × ε × seeds (resumable), then write results.md,
+    /// results.csv and accuracy plots.
+    Compare(compare::CompareArgs),
     /// Fetch and inspect the model and data assets.
     #[command(subcommand)]
     Assets(assets::AssetsCommand),
@@ -57,7 +65,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run => run_main_job(),
+        Command::Run(args) => run::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Assets(command) => assets::run(command),
         Command::Data(command) => data::run(command),
         Command::Privacy(command) => privacy::run(command),
@@ -73,24 +82,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The main job is assembled from the library crates as they land; until the
-/// federated trainer exists it says what it will do and fails, so nobody
-/// mistakes it for a finished run.
-fn run_main_job() -> anyhow::Result<()> {
-    assets::ensure_default()?;
-    println!("fedsvd run will:");
-    println!(
-        "  1. fetch and verify the MiniLM model and the Rotten Tomatoes data (fedsvd assets fetch)"
-    );
-    println!("  2. split the data, partition it among 6 clients (Dirichlet alpha = 0.5)");
-    println!(
-        "  3. train LoRA adapters with DP-SGD on 3 sampled clients per round (epsilon = 6, delta = 1e-5)"
-    );
-    println!("  4. refactorize the aggregated adapters by SVD on the server (FedSVD)");
-    println!("  5. evaluate on the held-out split and write the run folder");
-    anyhow::bail!(
-        "the federated trainer is not built yet (issue: federated DP training); nothing was run"
-    )
 }
