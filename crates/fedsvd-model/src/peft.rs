@@ -574,22 +574,7 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<(Vec<usize>, Vec<f32>)> 
     let view = st.tensor(name).map_err(|_| Error::MissingTensor {
         name: name.to_owned(),
     })?;
-    if view.dtype() != Dtype::F32 {
-        return Err(Error::UnsupportedDtype {
-            name: name.to_owned(),
-            dtype: format!("{:?}", view.dtype()),
-        });
-    }
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if values.iter().any(|v| !v.is_finite()) {
-        return Err(Error::NonFiniteWeight {
-            name: name.to_owned(),
-        });
-    }
+    let values = crate::weights::f32_values(&view, name)?;
     Ok((view.shape().to_vec(), values))
 }
 

@@ -78,6 +78,31 @@ struct Reader<'a> {
     prefix: &'static str,
 }
 
+/// The values of an f32 tensor, refusing other dtypes and non-finite
+/// values (both errors name the tensor).
+pub(crate) fn f32_values(
+    view: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+) -> Result<Vec<f32>> {
+    if view.dtype() != Dtype::F32 {
+        return Err(Error::UnsupportedDtype {
+            name: name.to_owned(),
+            dtype: format!("{:?}", view.dtype()),
+        });
+    }
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::NonFiniteWeight {
+            name: name.to_owned(),
+        });
+    }
+    Ok(values)
+}
+
 impl Reader<'_> {
     fn has(&self, name: &str) -> bool {
         self.st.tensor(&format!("{}{name}", self.prefix)).is_ok()
@@ -97,23 +122,7 @@ impl Reader<'_> {
                 found: view.shape().to_vec(),
             });
         }
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::UnsupportedDtype {
-                name: name.to_owned(),
-                dtype: format!("{:?}", view.dtype()),
-            });
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteWeight {
-                name: name.to_owned(),
-            });
-        }
-        Ok(values)
+        f32_values(&view, name)
     }
 
     fn linear(&self, name: &str, d_out: usize, d_in: usize) -> Result<Linear> {
