@@ -96,6 +96,21 @@ pub(crate) mod x86 {
     fma_kernels!(f64, dot_f64, axpy_f64, 16);
     fma_kernels!(f32, dot_f32, axpy_f32, 32);
 
+    /// `row ← row·C` for every `R`-long row of `rows` (`C` is `R × R`,
+    /// row-major), each row's accumulators held in registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn rows_times_small_f64<const R: usize>(rows: &mut [f64], c: &[[f64; R]; R]) {
+        for row in rows.chunks_exact_mut(R) {
+            let mut acc = [0.0f64; R];
+            for (l, &bl) in row.iter().enumerate() {
+                for i in 0..R {
+                    acc[i] = bl.mul_add(c[l][i], acc[i]);
+                }
+            }
+            row.copy_from_slice(&acc);
+        }
+    }
+
     /// Whether the FMA kernels may run here (cached by std).
     #[inline]
     pub(crate) fn has_fma() -> bool {

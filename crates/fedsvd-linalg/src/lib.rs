@@ -19,7 +19,10 @@ mod scalar;
 mod svd;
 
 pub use error::{Error, Result};
-pub use factored::{Method, factored_svd, refactorize, refactorize_many, refactorize_many_with};
+pub use factored::{
+    Method, factored_svd, refactorize, refactorize_in_place, refactorize_many,
+    refactorize_many_in_place, refactorize_many_with,
+};
 pub use qr::thin_qr;
 pub use randomized::{
     FactoredSum, LinearOperator, RsvdParams, randomized_svd, refactorize_randomized,

@@ -52,6 +52,11 @@ impl<T: Real> Householder<T> {
         Self { m, n, cols, tau }
     }
 
+    /// Gives back the column buffer (reflectors and R), for reuse.
+    pub(crate) fn into_columns(self) -> Vec<T> {
+        self.cols
+    }
+
     /// Number of reflectors, `min(m, n)`.
     pub(crate) fn k(&self) -> usize {
         self.tau.len()

@@ -49,6 +49,10 @@ pub trait Real:
     /// `y += alpha·x` kernel (SIMD-dispatched); crate-internal.
     #[doc(hidden)]
     fn axpy_kernel(alpha: Self, x: &[Self], y: &mut [Self]);
+    /// The slice as `f64` when `Self` is `f64` (None for `f32`), so f64
+    /// buffers can be used in place; crate-internal.
+    #[doc(hidden)]
+    fn as_f64_mut(values: &mut [Self]) -> Option<&mut [f64]>;
     /// Dense thin SVD through faer: `(U, s, Vᵀ)`, singular values
     /// descending. Input must be finite and non-empty (checked by callers).
     fn faer_thin_svd(a: ArrayView2<'_, Self>)
@@ -56,8 +60,12 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $dot:ident, $axpy:ident) => {
+    ($t:ty, $dot:ident, $axpy:ident, $as_f64:expr) => {
         impl Real for $t {
+            #[inline]
+            fn as_f64_mut(values: &mut [Self]) -> Option<&mut [f64]> {
+                $as_f64(values)
+            }
             #[inline]
             fn dot_kernel(a: &[Self], b: &[Self]) -> Self {
                 #[cfg(target_arch = "x86_64")]
@@ -123,8 +131,8 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, dot_f32, axpy_f32);
-impl_real!(f64, dot_f64, axpy_f64);
+impl_real!(f32, dot_f32, axpy_f32, |_: &mut [f32]| None);
+impl_real!(f64, dot_f64, axpy_f64, Some);
 
 /// Fails with [`Error::NonFinite`] naming `what` at the first NaN/∞ entry.
 pub(crate) fn check_finite<T: Real>(what: &str, a: ArrayView2<'_, T>) -> Result<()> {

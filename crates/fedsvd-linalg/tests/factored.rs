@@ -320,3 +320,75 @@ fn dense_thin_svd_reconstructs_and_follows_the_sign_convention() {
         assert!(svd.s.windows(2).into_iter().all(|w| w[0] >= w[1]));
     }
 }
+
+/// In place gives the allocating path's numbers (bit for bit in f64, where
+/// both run the same arithmetic), for every shape in turn on one thread, so
+/// the reused scratch space is resized up and down between calls; and a
+/// non-contiguous (transposed) view, which takes the general copy path.
+#[test]
+fn in_place_matches_refactorize_across_shapes_and_layouts() {
+    for (k, &(d_out, d_in, r)) in SHAPES.iter().enumerate() {
+        let (b, a) = lora_pair::<f64>(900 + k as u64, d_out, d_in, r);
+        let (b_ref, a_ref) = refactorize(b.view(), a.view()).unwrap();
+        let (mut b_in, mut a_in) = (b.clone(), a.clone());
+        fedsvd_linalg::refactorize_in_place(b_in.view_mut(), a_in.view_mut()).unwrap();
+        assert_eq!(b_in, b_ref, "{d_out}x{d_in} r={r}: B");
+        assert_eq!(a_in, a_ref, "{d_out}x{d_in} r={r}: A");
+
+        // The same factors held transposed in memory (Fortran order).
+        let mut b_t = Array2::<f64>::zeros((r, d_out));
+        b_t.assign(&b.t());
+        let mut a_t = Array2::<f64>::zeros((d_in, r));
+        a_t.assign(&a.t());
+        fedsvd_linalg::refactorize_in_place(
+            b_t.view_mut().reversed_axes(),
+            a_t.view_mut().reversed_axes(),
+        )
+        .unwrap();
+        let tol = 1e-13 * (1.0 + frob(b_ref.view()));
+        assert!(
+            max_abs_diff(b_t.t(), b_ref.view()) <= tol,
+            "{d_out}x{d_in} r={r}: strided B"
+        );
+        assert!(
+            max_abs_diff(a_t.t(), a_ref.view()) <= 1e-13,
+            "{d_out}x{d_in} r={r}: strided A"
+        );
+
+        // f32 in place: computed in f64, rounded once.
+        let (b32, a32) = (b.mapv(|x| x as f32), a.mapv(|x| x as f32));
+        let (mut b32_in, mut a32_in) = (b32.clone(), a32.clone());
+        fedsvd_linalg::refactorize_in_place(b32_in.view_mut(), a32_in.view_mut()).unwrap();
+        let m = b32.dot(&a32);
+        let rel = frob((&b32_in.dot(&a32_in) - &m).view()) / frob(m.view());
+        assert!(
+            rel <= 1e-5,
+            "{d_out}x{d_in} r={r}: f32 relative error {rel:e}"
+        );
+        assert!(row_orthonormality_error(a32_in.view()) <= 1e-5);
+    }
+}
+
+/// A module with a NaN is reported by index and left as it was; the other
+/// modules are refactorized.
+#[test]
+fn in_place_batch_reports_the_bad_module_and_leaves_it_unchanged() {
+    let (b0, a0) = lora_pair::<f64>(1, 30, 20, 4);
+    let (mut b1, a1) = lora_pair::<f64>(2, 30, 20, 4);
+    b1[[7, 2]] = f64::NAN;
+    let (mut w0, mut v0, mut w1, mut v1) = (b0.clone(), a0.clone(), b1.clone(), a1.clone());
+    let err = fedsvd_linalg::refactorize_many_in_place(&mut [
+        (w0.view_mut(), v0.view_mut()),
+        (w1.view_mut(), v1.view_mut()),
+    ])
+    .unwrap_err();
+    match err {
+        Error::InModule { index: 1, source } => {
+            assert!(source.to_string().contains('B'), "{source}");
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert_eq!(v1, a1);
+    assert!(w1[[7, 2]].is_nan() && w1.iter().zip(&b1).filter(|(x, y)| x != y).count() == 1);
+    assert_eq!((w0, v0), refactorize(b0.view(), a0.view()).unwrap());
+}

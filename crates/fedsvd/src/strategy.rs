@@ -393,21 +393,30 @@ impl FedSvd {
 /// stores the f32 result. Modules run in parallel; each result depends only
 /// on its module, so the thread count does not matter.
 pub fn refactorize_state(state: &mut GlobalState, solver: SvdSolver, seed: u64) -> Result<()> {
-    let pairs: Vec<(Array2<f64>, Array2<f64>)> = state
-        .modules
-        .iter()
-        .map(|m| (m.b.mapv(f64::from), m.a.mapv(f64::from)))
-        .collect();
+    let widened = |state: &GlobalState| -> Vec<(Array2<f64>, Array2<f64>)> {
+        state
+            .modules
+            .iter()
+            .map(|m| (m.b.mapv(f64::from), m.a.mapv(f64::from)))
+            .collect()
+    };
     let results: Vec<(Array2<f64>, Array2<f64>)> = match solver {
         SvdSolver::Factored => {
-            let views: Vec<_> = pairs.iter().map(|(b, a)| (b.view(), a.view())).collect();
-            fedsvd_linalg::refactorize_many(&views)?
+            // In place on the f32 factors: widened to f64 inside, rounded
+            // once, nothing allocated per module.
+            let mut views: Vec<_> = state
+                .modules
+                .iter_mut()
+                .map(|m| (m.b.view_mut(), m.a.view_mut()))
+                .collect();
+            fedsvd_linalg::refactorize_many_in_place(&mut views)?;
+            return Ok(());
         }
-        SvdSolver::Dense => pairs
+        SvdSolver::Dense => widened(state)
             .iter()
             .map(|(b, a)| fedsvd_linalg::refactorize_dense(b.view(), a.view()))
             .collect::<std::result::Result<_, _>>()?,
-        SvdSolver::Randomized => pairs
+        SvdSolver::Randomized => widened(state)
             .iter()
             .enumerate()
             .map(|(index, (b, a))| {
