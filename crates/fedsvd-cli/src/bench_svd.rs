@@ -182,6 +182,9 @@ fn time_median<T, E>(
     Ok((samples[samples.len() / 2], out))
 }
 
+/// One module's `(B, A)`.
+type Factors = (Array2<f64>, Array2<f64>);
+
 /// The factored path as the server runs it
 /// ([`refactorize_many_in_place`], no allocation once warm): each of one
 /// warm-up and `repeats` timed runs works on a fresh copy of the modules,
@@ -189,8 +192,8 @@ fn time_median<T, E>(
 /// result.
 fn time_in_place(
     repeats: usize,
-    modules: &[(Array2<f64>, Array2<f64>)],
-) -> Result<(f64, Vec<(Array2<f64>, Array2<f64>)>), fedsvd_linalg::Error> {
+    modules: &[Factors],
+) -> Result<(f64, Vec<Factors>), fedsvd_linalg::Error> {
     let mut samples = Vec::with_capacity(repeats);
     let mut out = Vec::new();
     for run in 0..=repeats {

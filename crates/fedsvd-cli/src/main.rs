@@ -20,6 +20,14 @@ mod run;
 
 use std::process::ExitCode;
 
+/// mimalloc keeps freed pages for reuse. A training step allocates and
+/// frees a few hundred MiB of activations; with glibc's allocator every
+/// buffer above its mmap threshold came back as fresh, zeroed pages on each
+/// step, and those page faults cost ≈ 15 % of `fedsvd bench step`
+/// (27 → 32 examples/s on the 2-core build machine, docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// Differentially private federated fine-tuning of LoRA adapters (FedSVD and
