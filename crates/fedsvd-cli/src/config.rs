@@ -12,10 +12,12 @@ use serde_json::{Map, Value};
 /// The embedded starting points of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
-    /// About 2 minutes on a 2-core machine: 1,200 RT examples, 6 short rounds.
+    /// About a minute on a 2-core machine (48 s measured): 1,200 RT
+    /// examples, 6 short rounds.
     Quick,
-    /// About 15 minutes on a 2-core machine: 3,000 RT examples, 20 rounds,
-    /// mean pooling and a trainable head so the run visibly learns under DP.
+    /// About 5 minutes on a 2-core machine (4 min 54 s measured): 3,000 RT
+    /// examples, 20 rounds, mean pooling and a trainable head so the run
+    /// visibly learns under DP.
     Default,
     /// The paper's hyper-parameters (method.md §9): all of RT, 100 rounds of
     /// 10 local steps, batch 128, [CLS] pooler and frozen random head. Hours.

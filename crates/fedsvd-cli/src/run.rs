@@ -19,7 +19,7 @@ pub struct RunArgs {
     /// changes (see --print-config for every key).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Starting point: quick (about 2 minutes on 2 cores), default (about 15
+    /// Starting point: quick (about a minute on 2 cores), default (about 5
     /// minutes: MiniLM on Rotten Tomatoes with FedSVD at ε = 6, δ = 1e-5,
     /// 6 clients, Dirichlet α = 0.5, 3 per round), or paper (the paper's
     /// hyper-parameters; hours).
