@@ -177,9 +177,14 @@ fn time_median<T, E>(
         out = Some(f()?);
         samples.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    samples.sort_by(f64::total_cmp);
     let out = out.expect("repeats ≥ 1 is checked by the caller");
-    Ok((samples[samples.len() / 2], out))
+    Ok((median(samples), out))
+}
+
+/// The median of ≥ 1 timings (the upper one of an even count).
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
 }
 
 /// One module's `(B, A)`.
@@ -210,8 +215,7 @@ fn time_in_place(
         }
         out = fresh;
     }
-    samples.sort_by(f64::total_cmp);
-    Ok((samples[samples.len() / 2], out))
+    Ok((median(samples), out))
 }
 
 /// Largest ‖B_new·A_new − B·A‖_F / ‖B·A‖_F over the modules, formed

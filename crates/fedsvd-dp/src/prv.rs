@@ -671,7 +671,7 @@ const SERIES_MAX: f64 = 0.02;
 
 /// ln(1 + x), by its Taylor series where x is small enough that seven
 /// terms reach full precision (|x| ≤ 1e-3: the omitted x⁸/8 is below
-/// 1.3e-25 relative to x), else by `ln_1p`. Across most of the grid the
+/// 1.3e-22 relative to x), else by `ln_1p`. Across most of the grid the
 /// cell ratio is about the mesh (~1e-4), and the series is several times
 /// cheaper than the library call.
 #[inline]

@@ -169,14 +169,6 @@ struct Core {
     sigma: Vec<f64>,
 }
 
-impl Core {
-    /// Returns the QR buffers to the workspace.
-    fn recycle(self, ws: &mut Workspace) {
-        ws.b_cols = self.hb.into_columns();
-        ws.a_cols = self.ha.into_columns();
-    }
-}
-
 /// Computes the [`Core`] of `B·A` (then [`Core::fill_a_new`] gives
 /// `A_new`).
 fn core<T: Real>(b: ArrayView2<'_, T>, a: ArrayView2<'_, T>, ws: &mut Workspace) -> Result<Core> {
@@ -255,6 +247,12 @@ impl Core {
                 scal(-1.0, &mut self.xv[i * r..(i + 1) * r]);
             }
         }
+    }
+
+    /// Returns the QR buffers to the workspace.
+    fn recycle(self, ws: &mut Workspace) {
+        ws.b_cols = self.hb.into_columns();
+        ws.a_cols = self.ha.into_columns();
     }
 
     /// [`Core::fill_a_new`] into the workspace's buffer.
