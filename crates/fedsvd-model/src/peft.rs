@@ -1,36 +1,69 @@
 //! Export of trained adapters in the formats PyTorch users load, and import
 //! of them back.
 //!
-//! Two exports, both a folder:
+//! Two exports, both a folder, each in two layouts that follow the head's
+//! pooling:
 //!
 //! - **PEFT LoRA adapter** ([`save_peft_adapter`]): `adapter_model.safetensors`
-//!   and `adapter_config.json` exactly as Hugging Face PEFT writes them for a
-//!   LoRA on `BertForSequenceClassification` (task `SEQ_CLS`), with the
-//!   classifier saved as a module to save. A PyTorch user gets fedsvd's logits
-//!   with
-//!   `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=N), ADAPTER_DIR)`.
-//!   The pooler is not saved: it is frozen in fedsvd, so the base
-//!   checkpoint's pooler (which `from_pretrained` loads) is the one fedsvd used.
-//! - **Merged checkpoint** ([`save_merged_checkpoint`]): a full
-//!   `BertForSequenceClassification` checkpoint (`config.json`,
-//!   `model.safetensors`), with the LoRA product `s·B·A` folded into the base
-//!   weights, for methods whose updates are merged into the base (FLoRA,
-//!   FedEx-LoRA). Load it with `BertForSequenceClassification.from_pretrained(DIR)`.
+//!   and `adapter_config.json` exactly as Hugging Face PEFT writes them.
+//!   - [CLS]-pooler head ([`Pooling::ClsPooler`]): a LoRA on
+//!     `BertForSequenceClassification` (task `SEQ_CLS`), the classifier saved
+//!     as a module to save. A PyTorch user gets fedsvd's logits with
+//!     `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=N), ADAPTER_DIR)`.
+//!     The pooler is not saved: it is frozen in fedsvd, so the base
+//!     checkpoint's pooler (which `from_pretrained` loads) is the one fedsvd used.
+//!   - Mean-pooling head ([`Pooling::Mean`]): a LoRA on the bare encoder
+//!     `BertModel` (task `FEATURE_EXTRACTION`, no module to save) and the
+//!     classifier in its own file [`HEAD_FILE`] (`weight` `[num_labels,
+//!     hidden]`, `bias` `[num_labels]`), since transformers has no
+//!     mean-pooling classifier. See the recipe below.
+//! - **Merged checkpoint** ([`save_merged_checkpoint`]): a full Hugging Face
+//!   checkpoint (`config.json`, `model.safetensors`) with the LoRA product
+//!   `s·B·A` folded into the base weights, for methods whose updates are
+//!   merged into the base (FLoRA, FedEx-LoRA): a
+//!   `BertForSequenceClassification` for the [CLS]-pooler head (load it with
+//!   `BertForSequenceClassification.from_pretrained(DIR)`), a `BertModel`
+//!   plus [`HEAD_FILE`] for the mean-pooling head (`BertModel.from_pretrained(DIR)`,
+//!   then the recipe below).
 //!
-//! Both also get `fedsvd_adapter.json` ([`SIDECAR_FILE`], [`AdapterSidecar`]):
+//! All get `fedsvd_adapter.json` ([`SIDECAR_FILE`], [`AdapterSidecar`]):
 //! what `fedsvd predict` needs beyond the weights (tokenizer, maximum length,
 //! pooling, label names). PyTorch ignores it.
 //!
-//! Only the [CLS]-pooler head ([`Pooling::ClsPooler`]) has a Hugging Face
-//! equivalent; a mean-pooling head is refused with [`Error::NotExportable`].
+//! # Mean pooling in PyTorch
+//!
+//! fedsvd's mean pooling averages the final hidden states over every real
+//! token of the text, [CLS] and [SEP] included, padding excluded (texts are
+//! truncated to the sidecar's `max_len` tokens, [CLS] and [SEP] counted), and
+//! applies the head to the average, with no tanh and no normalization:
+//!
+//! ```text
+//! enc = PeftModel.from_pretrained(BertModel.from_pretrained(MODEL_DIR), DIR).eval()  # or BertModel.from_pretrained(DIR)
+//! head = torch.nn.Linear(hidden, num_labels)
+//! head.load_state_dict(safetensors.torch.load_file(f"{DIR}/head.safetensors"))
+//! h = enc(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+//! pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+//! logits = head(pooled)
+//! ```
 //!
 //! Tensor names follow PEFT 0.21.2 with transformers 5.24.0 (observed by
-//! saving a LoRA on all-MiniLM-L6-v2 with the real library):
+//! saving LoRAs on all-MiniLM-L6-v2 with the real library):
 //! `base_model.model.bert.encoder.layer.{l}.attention.self.query.lora_A.weight`
 //! (`[r, d_in]`), `...lora_B.weight` (`[d_out, r]`),
-//! `base_model.model.classifier.weight` / `.bias`; safetensors metadata
-//! `{"format": "pt"}`. PEFT's LoRA computes `W0 x + (alpha / r)·B A x`, the
-//! same convention as [`LoraConfig`].
+//! `base_model.model.classifier.weight` / `.bias` for `SEQ_CLS`;
+//! `base_model.model.encoder.layer.{l}.attention.self.query.lora_A.weight`
+//! (no `bert.`) and no classifier for `FEATURE_EXTRACTION`; safetensors
+//! metadata `{"format": "pt"}`. `BertModel.save_pretrained` names the
+//! encoder's tensors without the `bert.` prefix
+//! (`embeddings.word_embeddings.weight`, `encoder.layer.{l}...`,
+//! `pooler.dense.weight`). PEFT's LoRA computes `W0 x + (alpha / r)·B A x`,
+//! the same convention as [`LoraConfig`].
+//!
+//! What stays refused ([`Error::NotExportable`]): a merged [CLS]-pooler
+//! checkpoint of a base without a pooler. On import, a sidecar whose pooling
+//! contradicts the layout (mean pooling with a `SEQ_CLS` adapter or a
+//! `BertForSequenceClassification` checkpoint, the [CLS] pooler with a bare
+//! encoder) is an [`Error::Adapter`], since PyTorch would compute other logits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -57,6 +90,8 @@ pub const MERGED_WEIGHTS_FILE: &str = "model.safetensors";
 pub const MERGED_CONFIG_FILE: &str = "config.json";
 /// Value of [`AdapterSidecar::format`].
 pub const SIDECAR_FORMAT: &str = "fedsvd-adapter";
+/// The classification head of a mean-pooling export (`weight`, `bias`).
+pub const HEAD_FILE: &str = "head.safetensors";
 /// Prefix PEFT puts before every tensor name of the wrapped model.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -67,6 +102,61 @@ pub enum Factor {
     A,
     /// `B`, `[d_out, r]`.
     B,
+}
+
+/// The PEFT task an adapter is saved for, which fixes the wrapped model and
+/// so the tensor names. It follows from the head's pooling
+/// ([`PeftTask::for_pooling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeftTask {
+    /// `SEQ_CLS` on `BertForSequenceClassification`: encoder tensors under
+    /// `bert.`, the classifier a module to save ([CLS]-pooler head).
+    SeqCls,
+    /// `FEATURE_EXTRACTION` on the bare `BertModel`: encoder tensors with no
+    /// prefix, the head in [`HEAD_FILE`] (mean-pooling head).
+    FeatureExtraction,
+}
+
+impl PeftTask {
+    /// The task whose Hugging Face model computes `pooling`'s features.
+    pub fn for_pooling(pooling: Pooling) -> Self {
+        match pooling {
+            Pooling::ClsPooler => PeftTask::SeqCls,
+            Pooling::Mean => PeftTask::FeatureExtraction,
+        }
+    }
+
+    /// The pooling fedsvd uses with an adapter of this task.
+    pub fn pooling(self) -> Pooling {
+        match self {
+            PeftTask::SeqCls => Pooling::ClsPooler,
+            PeftTask::FeatureExtraction => Pooling::Mean,
+        }
+    }
+
+    /// PEFT's `task_type` string.
+    pub fn task_type(self) -> &'static str {
+        match self {
+            PeftTask::SeqCls => "SEQ_CLS",
+            PeftTask::FeatureExtraction => "FEATURE_EXTRACTION",
+        }
+    }
+
+    /// The transformers class PEFT wraps.
+    pub fn model_class(self) -> &'static str {
+        match self {
+            PeftTask::SeqCls => "BertForSequenceClassification",
+            PeftTask::FeatureExtraction => "BertModel",
+        }
+    }
+
+    /// Where the encoder sits inside the wrapped model (`bert.` or nothing).
+    fn encoder_prefix(self) -> &'static str {
+        match self {
+            PeftTask::SeqCls => "bert.",
+            PeftTask::FeatureExtraction => "",
+        }
+    }
 }
 
 /// The module path of `target` inside an encoder layer of Hugging Face BERT.
@@ -81,14 +171,16 @@ pub fn module_path(target: Target) -> &'static str {
     }
 }
 
-/// The name PEFT gives a LoRA factor in `adapter_model.safetensors`.
-pub fn peft_lora_key(layer: usize, target: Target, factor: Factor) -> String {
+/// The name PEFT gives a LoRA factor in `adapter_model.safetensors` for an
+/// adapter of `task`.
+pub fn peft_lora_key(task: PeftTask, layer: usize, target: Target, factor: Factor) -> String {
     let f = match factor {
         Factor::A => "A",
         Factor::B => "B",
     };
     format!(
-        "{PEFT_PREFIX}bert.encoder.layer.{layer}.{}.lora_{f}.weight",
+        "{PEFT_PREFIX}{}encoder.layer.{layer}.{}.lora_{f}.weight",
+        task.encoder_prefix(),
         module_path(target)
     )
 }
@@ -124,7 +216,8 @@ pub fn peft_target_modules(targets: &[Target], num_layers: usize) -> Vec<String>
 pub enum ExportKind {
     /// A PEFT LoRA adapter over a base model.
     PeftLora,
-    /// A full `BertForSequenceClassification` checkpoint.
+    /// A full checkpoint: `BertForSequenceClassification`, or `BertModel`
+    /// plus [`HEAD_FILE`] for a mean-pooling head.
     MergedCheckpoint,
 }
 
@@ -169,7 +262,9 @@ pub struct AdapterSidecar {
     pub tokenizer: String,
     /// Texts are truncated to this many tokens ([CLS] and [SEP] included).
     pub max_len: usize,
-    /// `cls_pooler` (the only pooling with a Hugging Face equivalent).
+    /// `cls_pooler` (a `SEQ_CLS` adapter or `BertForSequenceClassification`
+    /// checkpoint) or `mean` (a `FEATURE_EXTRACTION` adapter or `BertModel`
+    /// checkpoint, with [`HEAD_FILE`]).
     pub pooling: String,
     /// Number of classes.
     pub num_labels: usize,
@@ -218,7 +313,10 @@ impl AdapterSidecar {
         if s.pooling_kind().is_none() {
             return Err(Error::Adapter {
                 path,
-                message: format!("unknown pooling `{}` (expected cls_pooler)", s.pooling),
+                message: format!(
+                    "unknown pooling `{}` (expected cls_pooler or mean)",
+                    s.pooling
+                ),
             });
         }
         if let Some(l) = &s.labels
@@ -258,7 +356,8 @@ pub struct PeftAdapter {
     /// Rank, alpha, dropout and targets from `adapter_config.json` (the
     /// trainable flags from the sidecar when present).
     pub lora: LoraConfig,
-    /// Number of classes (from the classifier's shape) and pooling.
+    /// Number of classes (from the classifier's shape) and pooling (from
+    /// the layout: [CLS] pooler for `SEQ_CLS`, mean for `FEATURE_EXTRACTION`).
     pub head: HeadConfig,
     /// The adapters and classifier.
     pub state: LoraState,
@@ -385,13 +484,6 @@ fn check_export(
     meta: &ExportMeta,
 ) -> Result<()> {
     lora.validate()?;
-    if head.pooling == Pooling::Mean {
-        return Err(Error::NotExportable(
-            "mean pooling has no Hugging Face BertForSequenceClassification equivalent \
-             (its head is the [CLS] pooler); train with the cls_pooler head to export"
-                .into(),
-        ));
-    }
     if head.num_labels == 0 {
         return Err(Error::InvalidOption("num_labels must be at least 1".into()));
     }
@@ -485,14 +577,122 @@ fn write_sidecar(dir: &Path, sidecar: &AdapterSidecar) -> Result<()> {
     write_json(&path, &value)
 }
 
-/// Writes `state` as a PEFT LoRA adapter for `BertForSequenceClassification`
-/// into `dir` (created if needed): `adapter_model.safetensors`,
-/// `adapter_config.json` (task `SEQ_CLS`, `modules_to_save: ["classifier"]`)
-/// and `fedsvd_adapter.json`.
+/// The `adapter_config.json` PEFT 0.21.2 writes for a LoRA of `task` (every
+/// key it writes, in its order). The options whose defaults would change the
+/// computation are spelled out, so an older or newer PEFT cannot read them
+/// differently.
+fn peft_adapter_config(
+    task: PeftTask,
+    config: &BertConfig,
+    lora: &LoraConfig,
+    meta: &ExportMeta,
+) -> Value {
+    let modules_to_save = match task {
+        PeftTask::SeqCls => json!(["classifier"]),
+        PeftTask::FeatureExtraction => Value::Null,
+    };
+    json!({
+        "alora_invocation_tokens": null,
+        "alpha_pattern": {},
+        "arrow_config": null,
+        "auto_mapping": null,
+        "base_model_name_or_path": meta.base_model,
+        "bias": "none",
+        "corda_config": null,
+        "ensure_weight_tying": false,
+        "eva_config": null,
+        "exclude_modules": null,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "kasa_config": null,
+        "layer_replication": null,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "loftq_config": {},
+        "lora_alpha": json_f32(lora.alpha),
+        "lora_bias": false,
+        "lora_dropout": json_f32(lora.dropout),
+        "lora_ga_config": null,
+        "megatron_config": null,
+        "megatron_core": "megatron.core",
+        "modules_to_save": modules_to_save,
+        "monteclora_config": null,
+        "peft_type": "LORA",
+        "peft_version": "0.21.2",
+        "qalora_group_size": 16,
+        "r": lora.rank,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": peft_target_modules(&lora.targets, config.num_hidden_layers),
+        "target_parameters": null,
+        "task_type": task.task_type(),
+        "trainable_token_indices": null,
+        "use_bdlora": null,
+        "use_dora": false,
+        "use_qalora": false,
+        "use_rslora": false,
+        "velora_config": null,
+    })
+}
+
+/// The head as [`HEAD_FILE`] holds it: `weight` `[num_labels, hidden]` and
+/// `bias` `[num_labels]`, what `torch.nn.Linear.load_state_dict` takes.
+fn head_tensors(
+    head: &HeadConfig,
+    hidden: usize,
+    state: &LoraState,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    vec![
+        (
+            "weight".to_owned(),
+            vec![head.num_labels, hidden],
+            state.head_weight.clone(),
+        ),
+        (
+            "bias".to_owned(),
+            vec![head.num_labels],
+            state.head_bias.clone(),
+        ),
+    ]
+}
+
+/// Writes [`HEAD_FILE`] for a mean-pooling head, or removes a stale one
+/// (from an earlier export into the same folder) for the [CLS] pooler.
+fn write_or_clear_head(
+    dir: &Path,
+    head: &HeadConfig,
+    hidden: usize,
+    state: &LoraState,
+) -> Result<()> {
+    let path = dir.join(HEAD_FILE);
+    match head.pooling {
+        Pooling::Mean => write_atomic(
+            &path,
+            &safetensors_bytes(&head_tensors(head, hidden, state))?,
+        ),
+        Pooling::ClsPooler => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::Write { path, source: e })
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+/// Writes `state` as a PEFT LoRA adapter into `dir` (created if needed):
+/// `adapter_model.safetensors`, `adapter_config.json` and
+/// `fedsvd_adapter.json`.
+///
+/// The layout follows the head's pooling ([`PeftTask::for_pooling`]): for
+/// the [CLS] pooler a LoRA on `BertForSequenceClassification` (task
+/// `SEQ_CLS`, `modules_to_save: ["classifier"]`, the classifier in the
+/// adapter file); for mean pooling a LoRA on `BertModel` (task
+/// `FEATURE_EXTRACTION`, no module to save) and the classifier in
+/// [`HEAD_FILE`].
 ///
 /// `config` is the base model's architecture; every adapter of every layer
-/// must be present. A mean-pooling head is refused with
-/// [`Error::NotExportable`].
+/// must be present.
 pub fn save_peft_adapter(
     dir: &Path,
     config: &BertConfig,
@@ -502,62 +702,40 @@ pub fn save_peft_adapter(
     meta: &ExportMeta,
 ) -> Result<()> {
     check_export(config, lora, head, state, meta)?;
+    let task = PeftTask::for_pooling(head.pooling);
     let r = lora.rank;
     let mut tensors = Vec::with_capacity(2 * state.adapters.len() + 2);
     for ad in &state.adapters {
         tensors.push((
-            peft_lora_key(ad.layer, ad.target, Factor::A),
+            peft_lora_key(task, ad.layer, ad.target, Factor::A),
             vec![r, ad.d_in],
             ad.a.clone(),
         ));
         tensors.push((
-            peft_lora_key(ad.layer, ad.target, Factor::B),
+            peft_lora_key(task, ad.layer, ad.target, Factor::B),
             vec![ad.d_out, r],
             ad.b.clone(),
         ));
     }
-    tensors.push((
-        peft_classifier_key("weight"),
-        vec![head.num_labels, config.hidden_size],
-        state.head_weight.clone(),
-    ));
-    tensors.push((
-        peft_classifier_key("bias"),
-        vec![head.num_labels],
-        state.head_bias.clone(),
-    ));
-    // The options PEFT writes whose defaults would change the computation
-    // are spelled out, so an older or newer PEFT cannot read them differently.
-    let adapter_config = json!({
-        "alpha_pattern": {},
-        "auto_mapping": null,
-        "base_model_name_or_path": meta.base_model,
-        "bias": "none",
-        "exclude_modules": null,
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "layer_replication": null,
-        "layers_pattern": null,
-        "layers_to_transform": null,
-        "lora_alpha": json_f32(lora.alpha),
-        "lora_bias": false,
-        "lora_dropout": json_f32(lora.dropout),
-        "modules_to_save": ["classifier"],
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": {},
-        "revision": null,
-        "target_modules": peft_target_modules(&lora.targets, config.num_hidden_layers),
-        "task_type": "SEQ_CLS",
-        "use_dora": false,
-        "use_rslora": false,
-    });
+    if task == PeftTask::SeqCls {
+        tensors.push((
+            peft_classifier_key("weight"),
+            vec![head.num_labels, config.hidden_size],
+            state.head_weight.clone(),
+        ));
+        tensors.push((
+            peft_classifier_key("bias"),
+            vec![head.num_labels],
+            state.head_bias.clone(),
+        ));
+    }
+    let adapter_config = peft_adapter_config(task, config, lora, meta);
     create_dir(dir)?;
     write_atomic(
         &dir.join(ADAPTER_WEIGHTS_FILE),
         &safetensors_bytes(&tensors)?,
     )?;
+    write_or_clear_head(dir, head, config.hidden_size, state)?;
     write_json(&dir.join(ADAPTER_CONFIG_FILE), &adapter_config)?;
     let sidecar = sidecar_for(
         ExportKind::PeftLora,
@@ -578,12 +756,16 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<(Vec<usize>, Vec<f32>)> 
     Ok((view.shape().to_vec(), values))
 }
 
-/// Splits an adapter tensor name into `(layer, target, factor)`; `None` for
-/// names that are not a LoRA factor of an encoder layer.
-fn parse_lora_key(key: &str) -> Option<(usize, Target, Factor)> {
-    let rest = key
-        .strip_prefix(PEFT_PREFIX)?
-        .strip_prefix("bert.encoder.layer.")?;
+/// Splits an adapter tensor name into `(task, layer, target, factor)`, the
+/// task read off the encoder's prefix; `None` for names that are not a LoRA
+/// factor of an encoder layer.
+fn parse_lora_key(key: &str) -> Option<(PeftTask, usize, Target, Factor)> {
+    let rest = key.strip_prefix(PEFT_PREFIX)?;
+    let (task, rest) = match rest.strip_prefix("bert.") {
+        Some(r) => (PeftTask::SeqCls, r),
+        None => (PeftTask::FeatureExtraction, rest),
+    };
+    let rest = rest.strip_prefix("encoder.layer.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, factor) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
@@ -594,7 +776,7 @@ fn parse_lora_key(key: &str) -> Option<(usize, Target, Factor)> {
     let target = Target::ALL
         .into_iter()
         .find(|t| module_path(*t) == module)?;
-    Some((layer, target, factor))
+    Some((task, layer, target, factor))
 }
 
 /// A `target_modules` entry as a target: our names (`query`,
@@ -633,6 +815,8 @@ struct PeftOptions {
     /// then decide).
     targets: Option<BTreeSet<Target>>,
     base_model: Option<String>,
+    /// PEFT's `task_type`, when set.
+    task_type: Option<String>,
 }
 
 fn read_peft_config(path: &Path) -> Result<PeftOptions> {
@@ -732,6 +916,7 @@ fn read_peft_config(path: &Path) -> Result<PeftOptions> {
         base_model: get("base_model_name_or_path")
             .and_then(Value::as_str)
             .map(str::to_owned),
+        task_type: get("task_type").and_then(Value::as_str).map(str::to_owned),
     })
 }
 
@@ -743,12 +928,73 @@ fn shape_err(name: &str, expected: Vec<usize>, found: Vec<usize>) -> Error {
     }
 }
 
-/// Reads an adapter written by [`save_peft_adapter`] (or by PEFT itself for a
-/// LoRA on `BertForSequenceClassification` with the classifier as a module to
-/// save). Every tensor name is checked; a missing factor, a mis-shaped
-/// tensor, an unknown tensor or an unsupported PEFT option is a typed error.
-/// The returned state still has to match the base model:
-/// [`crate::Model::check_state`] compares it with the architecture.
+/// Reads [`HEAD_FILE`]: `(num_labels, hidden, weight, bias)`. The file must
+/// hold exactly `weight` `[num_labels, hidden]` and `bias` `[num_labels]`
+/// (f32, finite: [`read_f32`] checks); `hidden`, when given, is checked too.
+fn read_head_file(
+    path: &Path,
+    hidden: Option<usize>,
+) -> Result<(usize, usize, Vec<f32>, Vec<f32>)> {
+    if !path.is_file() {
+        return Err(config_err(
+            path,
+            "missing: a mean-pooling export keeps its classification head in this file".into(),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    if let Some(n) = st
+        .names()
+        .into_iter()
+        .find(|n| *n != "weight" && *n != "bias")
+    {
+        return Err(config_err(
+            path,
+            format!("unexpected tensor `{n}` (a head holds `weight` and `bias`)"),
+        ));
+    }
+    let tensor = |name: &str| {
+        if st.tensor(name).is_err() {
+            return Err(config_err(path, format!("no tensor `{name}`")));
+        }
+        read_f32(&st, name)
+    };
+    let (ws, weight) = tensor("weight")?;
+    let (bs, bias) = tensor("bias")?;
+    if ws.len() != 2 || ws[0] == 0 || hidden.is_some_and(|h| ws[1] != h) {
+        return Err(config_err(
+            path,
+            format!(
+                "`weight` has shape {ws:?}, expected [num_labels, {}]",
+                hidden.map_or("hidden".to_owned(), |h| h.to_string())
+            ),
+        ));
+    }
+    if bs != [ws[0]] {
+        return Err(config_err(
+            path,
+            format!("`bias` has shape {bs:?}, expected [{}]", ws[0]),
+        ));
+    }
+    Ok((ws[0], ws[1], weight, bias))
+}
+
+/// Reads an adapter written by [`save_peft_adapter`] (or by PEFT itself): a
+/// `SEQ_CLS` LoRA on `BertForSequenceClassification` with the classifier as
+/// a module to save ([CLS]-pooler head), or a `FEATURE_EXTRACTION` LoRA on
+/// `BertModel` with the head in [`HEAD_FILE`] (mean-pooling head). The
+/// tensor names decide which; a `task_type` or sidecar pooling that
+/// contradicts them is an [`Error::Adapter`]. Every tensor name is checked;
+/// a missing factor, a mis-shaped tensor, an unknown tensor or an
+/// unsupported PEFT option is a typed error. The returned state still has to
+/// match the base model: [`crate::Model::check_state`] compares it with the
+/// architecture.
 pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let opts = read_peft_config(&config_path)?;
@@ -764,13 +1010,16 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
     })?;
     let (w_key, b_key) = (peft_classifier_key("weight"), peft_classifier_key("bias"));
     let mut found: BTreeSet<(usize, Target)> = BTreeSet::new();
+    let mut task: Option<PeftTask> = None;
+    let mut has_classifier = false;
     let mut names = st.names();
     names.sort();
     for name in names {
         if name == w_key || name == b_key {
+            has_classifier = true;
             continue;
         }
-        let (layer, target, _) = parse_lora_key(name).ok_or_else(|| {
+        let (t, layer, target, _) = parse_lora_key(name).ok_or_else(|| {
             config_err(
                 &weights_path,
                 format!(
@@ -779,6 +1028,19 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
                 ),
             )
         })?;
+        match task {
+            Some(prev) if prev != t => {
+                return Err(config_err(
+                    &weights_path,
+                    format!(
+                        "tensor `{name}` is named for {} but others for {}",
+                        t.model_class(),
+                        prev.model_class()
+                    ),
+                ));
+            }
+            _ => task = Some(t),
+        }
         found.insert((layer, target));
     }
     let targets: BTreeSet<Target> = match &opts.targets {
@@ -801,16 +1063,73 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
             "the file holds no LoRA factor".into(),
         ));
     }
+    let task = task.unwrap_or(PeftTask::SeqCls);
+    if let Some(tt) = &opts.task_type {
+        let declared = match tt.as_str() {
+            "SEQ_CLS" => PeftTask::SeqCls,
+            "FEATURE_EXTRACTION" => PeftTask::FeatureExtraction,
+            _ => {
+                return Err(config_err(
+                    &config_path,
+                    format!(
+                        "task_type `{tt}`: fedsvd reads SEQ_CLS and FEATURE_EXTRACTION adapters"
+                    ),
+                ));
+            }
+        };
+        if declared != task {
+            return Err(config_err(
+                &config_path,
+                format!(
+                    "task_type `{tt}` wraps {}, but the tensors are named for {} ({})",
+                    declared.model_class(),
+                    task.model_class(),
+                    task.task_type()
+                ),
+            ));
+        }
+    }
+    if let Some(s) = &sidecar
+        && s.pooling_kind() != Some(task.pooling())
+    {
+        return Err(config_err(
+            &dir.join(SIDECAR_FILE),
+            format!(
+                "says pooling `{}`, but a {} adapter (LoRA on {}) is for the `{}` head",
+                s.pooling,
+                task.task_type(),
+                task.model_class(),
+                pooling_name(task.pooling())
+            ),
+        ));
+    }
     let r = opts.rank;
-    let (cls_shape, head_weight) = read_f32(&st, &w_key)?;
-    if cls_shape.len() != 2 || cls_shape[0] == 0 {
-        return Err(shape_err(&w_key, vec![0, 0], cls_shape));
-    }
-    let (num_labels, hidden) = (cls_shape[0], cls_shape[1]);
-    let (bias_shape, head_bias) = read_f32(&st, &b_key)?;
-    if bias_shape != [num_labels] {
-        return Err(shape_err(&b_key, vec![num_labels], bias_shape));
-    }
+    let (num_labels, hidden, head_weight, head_bias) = match task {
+        PeftTask::SeqCls => {
+            let (cls_shape, head_weight) = read_f32(&st, &w_key)?;
+            if cls_shape.len() != 2 || cls_shape[0] == 0 {
+                return Err(shape_err(&w_key, vec![0, 0], cls_shape));
+            }
+            let (num_labels, hidden) = (cls_shape[0], cls_shape[1]);
+            let (bias_shape, head_bias) = read_f32(&st, &b_key)?;
+            if bias_shape != [num_labels] {
+                return Err(shape_err(&b_key, vec![num_labels], bias_shape));
+            }
+            (num_labels, hidden, head_weight, head_bias)
+        }
+        PeftTask::FeatureExtraction => {
+            if has_classifier {
+                return Err(config_err(
+                    &weights_path,
+                    format!(
+                        "`{w_key}` in an adapter on the bare encoder (BertModel has no \
+                         classifier; a mean-pooling head is read from {HEAD_FILE})"
+                    ),
+                ));
+            }
+            read_head_file(&dir.join(HEAD_FILE), None)?
+        }
+    };
     // Every adapter of one target has the same dims; the first layer's
     // `A` and `B` fix them, checked against the hidden width where the
     // architecture ties them to it.
@@ -818,8 +1137,8 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
     let mut adapters = Vec::with_capacity(num_layers * targets.len());
     for layer in 0..num_layers {
         for &target in &targets {
-            let ka = peft_lora_key(layer, target, Factor::A);
-            let kb = peft_lora_key(layer, target, Factor::B);
+            let ka = peft_lora_key(task, layer, target, Factor::A);
+            let kb = peft_lora_key(task, layer, target, Factor::B);
             let (sa, a) = read_f32(&st, &ka)?;
             let (sb, b) = read_f32(&st, &kb)?;
             if sa.len() != 2 || sa[0] != r {
@@ -861,10 +1180,7 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
             });
         }
     }
-    let pooling = match &sidecar {
-        Some(s) => s.pooling_kind().unwrap_or(Pooling::ClsPooler),
-        None => Pooling::ClsPooler,
-    };
+    let pooling = task.pooling();
     if let Some(s) = &sidecar
         && s.num_labels != num_labels
     {
@@ -919,15 +1235,19 @@ fn fold(weight: &mut [f32], ad: &Adapter, rank: usize, scale: f32) {
     }
 }
 
-/// Writes a full Hugging Face `BertForSequenceClassification` checkpoint into
-/// `dir` (created if needed): `config.json` (with `num_labels` through
-/// `id2label`), `model.safetensors` (`bert.`-prefixed encoder, pooler,
-/// classifier), `fedsvd_adapter.json`, and a copy of the tokenizer file when
+/// Writes a full Hugging Face checkpoint into `dir` (created if needed):
+/// `config.json` (with the class names as `id2label`), `model.safetensors`,
+/// `fedsvd_adapter.json`, and a copy of the tokenizer file when
 /// `meta.tokenizer` exists, so the folder stands alone.
 ///
+/// For the [CLS]-pooler head it is a `BertForSequenceClassification`
+/// (`bert.`-prefixed encoder, pooler, classifier); for a mean-pooling head a
+/// `BertModel` (encoder and, when the base has one, pooler, named as
+/// `BertModel.save_pretrained` names them) plus the head in [`HEAD_FILE`].
+///
 /// `weights` is the base encoder with any merged updates already in it; the
-/// current adapters `s·B·A` of `state` are folded in on top. The checkpoint
-/// needs the pretrained pooler, and a mean-pooling head is refused, both with
+/// current adapters `s·B·A` of `state` are folded in on top. The [CLS]-pooler
+/// head needs the pretrained pooler: without one it is refused with
 /// [`Error::NotExportable`].
 pub fn save_merged_checkpoint(
     dir: &Path,
@@ -939,40 +1259,46 @@ pub fn save_merged_checkpoint(
 ) -> Result<()> {
     let c = &weights.config;
     check_export(c, lora, head, state, meta)?;
-    let pooler = weights.pooler.as_ref().ok_or_else(|| {
-        Error::NotExportable("the base checkpoint has no pooler, which the head needs".into())
-    })?;
+    let cls = head.pooling == Pooling::ClsPooler;
+    if cls && weights.pooler.is_none() {
+        return Err(Error::NotExportable(
+            "the base checkpoint has no pooler, which the [CLS]-pooler head needs".into(),
+        ));
+    }
+    // BertForSequenceClassification keeps the encoder under `bert.`;
+    // BertModel's own checkpoint has no prefix.
+    let pre = if cls { "bert." } else { "" };
     let h = c.hidden_size;
     let s = lora.scale();
     let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut push = |name: String, shape: Vec<usize>, v: Vec<f32>| t.push((name, shape, v));
     push(
-        "bert.embeddings.word_embeddings.weight".into(),
+        format!("{pre}embeddings.word_embeddings.weight"),
         vec![c.vocab_size, h],
         weights.word_embeddings.clone(),
     );
     push(
-        "bert.embeddings.position_embeddings.weight".into(),
+        format!("{pre}embeddings.position_embeddings.weight"),
         vec![c.max_position_embeddings, h],
         weights.position_embeddings.clone(),
     );
     push(
-        "bert.embeddings.token_type_embeddings.weight".into(),
+        format!("{pre}embeddings.token_type_embeddings.weight"),
         vec![c.type_vocab_size, h],
         weights.token_type_embeddings.clone(),
     );
     push(
-        "bert.embeddings.LayerNorm.weight".into(),
+        format!("{pre}embeddings.LayerNorm.weight"),
         vec![h],
         weights.embeddings_ln.gamma.clone(),
     );
     push(
-        "bert.embeddings.LayerNorm.bias".into(),
+        format!("{pre}embeddings.LayerNorm.bias"),
         vec![h],
         weights.embeddings_ln.beta.clone(),
     );
     for (l, lw) in weights.layers.iter().enumerate() {
-        let p = format!("bert.encoder.layer.{l}");
+        let p = format!("{pre}encoder.layer.{l}");
         let mut linear = |target: Target, lin: &Linear, rows: std::ops::Range<usize>| {
             let mut w = lin.weight[rows.start * lin.d_in..rows.end * lin.d_in].to_vec();
             if let Some(ad) = state.adapter(l, target) {
@@ -1004,26 +1330,32 @@ pub fn save_merged_checkpoint(
             push(format!("{p}.{name}.bias"), vec![h], ln.beta.clone());
         }
     }
-    push(
-        "bert.pooler.dense.weight".into(),
-        vec![h, h],
-        pooler.weight.clone(),
-    );
-    push(
-        "bert.pooler.dense.bias".into(),
-        vec![h],
-        pooler.bias.clone(),
-    );
-    push(
-        "classifier.weight".into(),
-        vec![head.num_labels, h],
-        state.head_weight.clone(),
-    );
-    push(
-        "classifier.bias".into(),
-        vec![head.num_labels],
-        state.head_bias.clone(),
-    );
+    // The pooler is frozen in fedsvd; a mean-pooling head ignores it, but
+    // BertModel has one, so it is kept whenever the base has it.
+    if let Some(pooler) = &weights.pooler {
+        push(
+            format!("{pre}pooler.dense.weight"),
+            vec![h, h],
+            pooler.weight.clone(),
+        );
+        push(
+            format!("{pre}pooler.dense.bias"),
+            vec![h],
+            pooler.bias.clone(),
+        );
+    }
+    if cls {
+        push(
+            "classifier.weight".into(),
+            vec![head.num_labels, h],
+            state.head_weight.clone(),
+        );
+        push(
+            "classifier.bias".into(),
+            vec![head.num_labels],
+            state.head_bias.clone(),
+        );
+    }
 
     let labels: Vec<String> = match &meta.labels {
         Some(l) => l.clone(),
@@ -1042,8 +1374,9 @@ pub fn save_merged_checkpoint(
     // Dropout probabilities and the initializer range are not part of
     // `BertConfig` (fedsvd never applies BERT's internal dropouts); BERT's
     // defaults are written, and they do not affect evaluation-mode logits.
+    let architecture = PeftTask::for_pooling(head.pooling).model_class();
     let config = json!({
-        "architectures": ["BertForSequenceClassification"],
+        "architectures": [architecture],
         "model_type": "bert",
         "attention_probs_dropout_prob": 0.1,
         "classifier_dropout": null,
@@ -1065,6 +1398,7 @@ pub fn save_merged_checkpoint(
     });
     create_dir(dir)?;
     write_atomic(&dir.join(MERGED_WEIGHTS_FILE), &safetensors_bytes(&t)?)?;
+    write_or_clear_head(dir, head, h, state)?;
     write_json(&dir.join(MERGED_CONFIG_FILE), &config)?;
     let tok_src = Path::new(&meta.tokenizer);
     let tokenizer = if tok_src.is_file() {
@@ -1081,10 +1415,13 @@ pub fn save_merged_checkpoint(
     write_sidecar(dir, &sidecar)
 }
 
-/// Reads a checkpoint written by [`save_merged_checkpoint`] (or any Hugging
-/// Face `BertForSequenceClassification` safetensors checkpoint with a
-/// pooler): the encoder, the classifier, and a do-nothing rank-1 adapter so
-/// that [`crate::Model`] can run it.
+/// Reads a checkpoint written by [`save_merged_checkpoint`]: the encoder, the
+/// classifier, and a do-nothing rank-1 adapter so that [`crate::Model`] can
+/// run it. A checkpoint whose `model.safetensors` holds `classifier.weight`
+/// (any Hugging Face `BertForSequenceClassification` safetensors checkpoint
+/// with a pooler) runs with the [CLS]-pooler head; one without (a `BertModel`)
+/// needs [`HEAD_FILE`] beside it and runs with mean pooling. A sidecar whose
+/// pooling contradicts this is an [`Error::Adapter`].
 pub fn load_merged_checkpoint(dir: &Path) -> Result<MergedCheckpoint> {
     let sidecar = AdapterSidecar::read(dir)?;
     let weights = BertWeights::from_dir(dir)?;
@@ -1099,14 +1436,44 @@ pub fn load_merged_checkpoint(dir: &Path) -> Result<MergedCheckpoint> {
     })?;
     let c = &weights.config;
     let h = c.hidden_size;
-    let (ws, head_weight) = read_f32(&st, "classifier.weight")?;
-    if ws.len() != 2 || ws[1] != h || ws[0] == 0 {
-        return Err(shape_err("classifier.weight", vec![0, h], ws));
-    }
-    let num_labels = ws[0];
-    let (bs, head_bias) = read_f32(&st, "classifier.bias")?;
-    if bs != [num_labels] {
-        return Err(shape_err("classifier.bias", vec![num_labels], bs));
+    let head_path = dir.join(HEAD_FILE);
+    let has_classifier =
+        st.tensor("classifier.weight").is_ok() || st.tensor("classifier.bias").is_ok();
+    let (pooling, num_labels, head_weight, head_bias) = if has_classifier {
+        let (ws, head_weight) = read_f32(&st, "classifier.weight")?;
+        if ws.len() != 2 || ws[1] != h || ws[0] == 0 {
+            return Err(shape_err("classifier.weight", vec![0, h], ws));
+        }
+        let num_labels = ws[0];
+        let (bs, head_bias) = read_f32(&st, "classifier.bias")?;
+        if bs != [num_labels] {
+            return Err(shape_err("classifier.bias", vec![num_labels], bs));
+        }
+        (Pooling::ClsPooler, num_labels, head_weight, head_bias)
+    } else if head_path.is_file() {
+        let (num_labels, _, w, b) = read_head_file(&head_path, Some(h))?;
+        (Pooling::Mean, num_labels, w, b)
+    } else {
+        return Err(config_err(
+            &path,
+            format!(
+                "no `classifier.weight` (a BertForSequenceClassification checkpoint) and \
+                 no {HEAD_FILE} beside it (a BertModel checkpoint of a mean-pooling run)"
+            ),
+        ));
+    };
+    if let Some(s) = &sidecar
+        && s.pooling_kind() != Some(pooling)
+    {
+        return Err(config_err(
+            &dir.join(SIDECAR_FILE),
+            format!(
+                "says pooling `{}`, but the checkpoint is a {} for the `{}` head",
+                s.pooling,
+                PeftTask::for_pooling(pooling).model_class(),
+                pooling_name(pooling)
+            ),
+        ));
     }
     if let Some(s) = &sidecar
         && s.num_labels != num_labels
@@ -1119,10 +1486,6 @@ pub fn load_merged_checkpoint(dir: &Path) -> Result<MergedCheckpoint> {
             ),
         ));
     }
-    let pooling = sidecar
-        .as_ref()
-        .and_then(AdapterSidecar::pooling_kind)
-        .unwrap_or(Pooling::ClsPooler);
     let lora = LoraConfig {
         rank: 1,
         alpha: 1.0,
@@ -1199,15 +1562,45 @@ mod tests {
 
     #[test]
     fn lora_keys_parse_back() {
-        for t in Target::ALL {
-            for f in [Factor::A, Factor::B] {
-                assert_eq!(parse_lora_key(&peft_lora_key(5, t, f)), Some((5, t, f)));
+        for task in [PeftTask::SeqCls, PeftTask::FeatureExtraction] {
+            for t in Target::ALL {
+                for f in [Factor::A, Factor::B] {
+                    let key = peft_lora_key(task, 5, t, f);
+                    assert_eq!(parse_lora_key(&key), Some((task, 5, t, f)), "{key}");
+                }
             }
         }
+        assert_eq!(
+            peft_lora_key(PeftTask::SeqCls, 2, Target::Value, Factor::B),
+            "base_model.model.bert.encoder.layer.2.attention.self.value.lora_B.weight"
+        );
+        assert_eq!(
+            peft_lora_key(PeftTask::FeatureExtraction, 2, Target::Value, Factor::B),
+            "base_model.model.encoder.layer.2.attention.self.value.lora_B.weight"
+        );
         assert_eq!(parse_lora_key("base_model.model.classifier.weight"), None);
         assert_eq!(
             parse_lora_key("base_model.model.bert.encoder.layer.0.attention.self.query.weight"),
             None
+        );
+        assert_eq!(
+            parse_lora_key("base_model.model.encoder.layer.0.attention.self.query.weight"),
+            None
+        );
+    }
+
+    #[test]
+    fn task_follows_pooling() {
+        for p in [Pooling::ClsPooler, Pooling::Mean] {
+            assert_eq!(PeftTask::for_pooling(p).pooling(), p);
+        }
+        assert_eq!(
+            PeftTask::for_pooling(Pooling::Mean).task_type(),
+            "FEATURE_EXTRACTION"
+        );
+        assert_eq!(
+            PeftTask::for_pooling(Pooling::ClsPooler).task_type(),
+            "SEQ_CLS"
         );
     }
 
@@ -1232,28 +1625,67 @@ mod tests {
         }
     }
 
-    #[test]
-    fn mean_pooling_is_not_exportable() {
-        let config = tiny_config();
-        let lora = LoraConfig::default();
-        let head = HeadConfig {
-            num_labels: 2,
-            pooling: Pooling::Mean,
-        };
-        let state = LoraState::init(&config, &lora, &head, 1).unwrap();
-        let meta = ExportMeta {
+    fn export_meta() -> ExportMeta {
+        ExportMeta {
             base_model: "m".into(),
             tokenizer: "t".into(),
             max_len: 16,
             labels: None,
             method: None,
-        };
+        }
+    }
+
+    /// Mean pooling needs no pooler, so a base without one still exports a
+    /// merged checkpoint; the [CLS]-pooler head without a pooler is what
+    /// stays refused.
+    #[test]
+    fn only_the_cls_pooler_head_needs_a_pooler() {
+        let config = tiny_config();
+        let lora = LoraConfig::default();
+        let mut w = (*random_weights(&config).unwrap()).clone();
+        w.pooler = None;
         let dir = tempfile::tempdir().unwrap();
-        let e = save_peft_adapter(dir.path(), &config, &lora, &head, &state, &meta).unwrap_err();
+        let mean = HeadConfig {
+            num_labels: 2,
+            pooling: Pooling::Mean,
+        };
+        let state = LoraState::init(&config, &lora, &mean, 1).unwrap();
+        save_merged_checkpoint(dir.path(), &w, &lora, &mean, &state, &export_meta()).unwrap();
+        assert!(dir.path().join(HEAD_FILE).is_file());
+        let back = load_merged_checkpoint(dir.path()).unwrap();
+        assert_eq!(back.head, mean);
+        assert!(back.weights.pooler.is_none());
+
+        let cls = HeadConfig {
+            pooling: Pooling::ClsPooler,
+            ..mean
+        };
+        let other = tempfile::tempdir().unwrap();
+        let e = save_merged_checkpoint(other.path(), &w, &lora, &cls, &state, &export_meta())
+            .unwrap_err();
         assert!(matches!(e, Error::NotExportable(_)), "{e}");
-        let w = random_weights(&config).unwrap();
-        let e = save_merged_checkpoint(dir.path(), &w, &lora, &head, &state, &meta).unwrap_err();
-        assert!(matches!(e, Error::NotExportable(_)), "{e}");
-        assert!(!dir.path().join(ADAPTER_WEIGHTS_FILE).exists());
+        assert!(!other.path().join(MERGED_WEIGHTS_FILE).exists());
+    }
+
+    /// A [CLS]-pooler export into a folder that held a mean-pooling one
+    /// leaves no stale head behind.
+    #[test]
+    fn a_cls_export_removes_a_stale_head() {
+        let config = tiny_config();
+        let lora = LoraConfig::default();
+        let dir = tempfile::tempdir().unwrap();
+        for pooling in [Pooling::Mean, Pooling::ClsPooler] {
+            let head = HeadConfig {
+                num_labels: 2,
+                pooling,
+            };
+            let state = LoraState::init(&config, &lora, &head, 1).unwrap();
+            save_peft_adapter(dir.path(), &config, &lora, &head, &state, &export_meta()).unwrap();
+            assert_eq!(
+                dir.path().join(HEAD_FILE).is_file(),
+                pooling == Pooling::Mean
+            );
+            assert_eq!(load_peft_adapter(dir.path()).unwrap().head, head);
+        }
     }
 }
