@@ -3,10 +3,14 @@
 //! them, so `scripts/check_peft_export.py` can compare PyTorch's logits.
 //!
 //! ```sh
-//! cargo run --release -p fedsvd-model --example peft_export -- OUT_DIR
+//! cargo run --release -p fedsvd-model --example peft_export -- OUT_DIR [cls|mean]
 //! ```
 //!
-//! writes `OUT_DIR/adapter` (LoRA r = 4 on query, key, value and the FFN
+//! The second argument picks the head's pooling: `cls` (the default, the
+//! [CLS] pooler: a `SEQ_CLS` adapter and a `BertForSequenceClassification`
+//! checkpoint) or `mean` (mean pooling: a `FEATURE_EXTRACTION` adapter on
+//! `BertModel` and a `BertModel` checkpoint, each with `head.safetensors`).
+//! It writes `OUT_DIR/adapter` (LoRA r = 4 on query, key, value and the FFN
 //! output — the last named per layer in `target_modules`), `OUT_DIR/merged`
 //! (a base with random "merged" deltas on two projections, LoRA on every
 //! projection folded in) and `OUT_DIR/ours_{adapter,merged}.json` (fedsvd's
@@ -54,19 +58,29 @@ fn write_logits(path: &Path, model: &Model, state: &LoraState, tok: &Tokenizer) 
             })
         })
         .collect();
-    let out = serde_json::json!({"max_len": MAX_LEN, "predictions": preds});
+    let pooling = match model.head_config().pooling {
+        Pooling::ClsPooler => "cls_pooler",
+        Pooling::Mean => "mean",
+    };
+    let out = serde_json::json!({"max_len": MAX_LEN, "pooling": pooling, "predictions": preds});
     std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).expect("write logits");
 }
 
 fn main() {
-    let out = PathBuf::from(std::env::args().nth(1).expect("usage: peft_export OUT_DIR"));
+    const USAGE: &str = "usage: peft_export OUT_DIR [cls|mean]";
+    let out = PathBuf::from(std::env::args().nth(1).expect(USAGE));
+    let pooling = match std::env::args().nth(2).as_deref() {
+        None | Some("cls") => Pooling::ClsPooler,
+        Some("mean") => Pooling::Mean,
+        Some(other) => panic!("unknown pooling `{other}`; {USAGE}"),
+    };
     let dir = minilm_dir().unwrap_or_else(|e| panic!("{e}"));
     let weights = BertWeights::from_dir(&dir).expect("load MiniLM");
     let tok_path = dir.join("tokenizer.json");
     let tok = Tokenizer::from_file(&tok_path, MAX_LEN).expect("tokenizer");
     let head = HeadConfig {
         num_labels: 3,
-        pooling: Pooling::ClsPooler,
+        pooling,
     };
     let meta = ExportMeta {
         base_model: dir.display().to_string(),
