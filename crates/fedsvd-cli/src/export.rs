@@ -1,6 +1,10 @@
 //! Exporting a finished run's model: a PEFT LoRA adapter for the methods
 //! that keep the base weights, a full Hugging Face checkpoint for those that
-//! merge updates into them (FLoRA, FedEx-LoRA).
+//! merge updates into them (FLoRA, FedEx-LoRA). A [CLS]-pooler head exports
+//! as `BertForSequenceClassification` (a `SEQ_CLS` adapter or checkpoint); a
+//! mean-pooling head (the quick and default presets) as `BertModel` (a
+//! `FEATURE_EXTRACTION` adapter or checkpoint) with the classifier in
+//! `head.safetensors` (see `fedsvd_model::peft`).
 
 use std::path::{Path, PathBuf};
 
@@ -12,8 +16,8 @@ use fedsvd_model::peft::{ExportMeta, save_merged_checkpoint, save_peft_adapter};
 pub const EXPORT_DIR: &str = "model";
 
 /// Writes the run's final model into `<run>/model`. Returns the folder, or
-/// `None` (with a note on stderr) when the head has no Hugging Face
-/// equivalent (mean pooling).
+/// `None` (with a note on stderr) when the run has no Hugging Face
+/// equivalent (a merged [CLS]-pooler checkpoint of a base without a pooler).
 pub fn export_run(runner: &Runner, assets: &Path) -> anyhow::Result<Option<PathBuf>> {
     let fed = runner.federation();
     let model = fed.model();

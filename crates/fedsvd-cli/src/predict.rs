@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use fedsvd_model::peft::{ADAPTER_CONFIG_FILE, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE};
 use fedsvd_model::{
-    AdapterSidecar, BertWeights, HeadConfig, LoraConfig, LoraState, Model, Tokenizer,
+    AdapterSidecar, BertWeights, HeadConfig, LoraConfig, LoraState, Model, Pooling, Tokenizer,
     load_merged_checkpoint, load_peft_adapter, minilm_dir,
 };
 
@@ -20,8 +20,9 @@ const CHUNK: usize = 32;
 pub struct PredictArgs {
     /// The exported folder: a PEFT LoRA adapter (`adapter_config.json`,
     /// `adapter_model.safetensors`) as every run writes, or a merged
-    /// `BertForSequenceClassification` checkpoint (`config.json`,
-    /// `model.safetensors`) as FLoRA and FedEx-LoRA runs write.
+    /// checkpoint (`config.json`, `model.safetensors`) as FLoRA and
+    /// FedEx-LoRA runs write; for a mean-pooling run either comes with
+    /// `head.safetensors` (the classifier) and is run with mean pooling.
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
     /// Base model folder the adapter applies to (`config.json`,
@@ -37,7 +38,7 @@ pub struct PredictArgs {
     /// `fedsvd_adapter.json`), else 128.
     #[arg(long, value_name = "N")]
     pub max_len: Option<usize>,
-    /// Print JSON: `{"adapter","kind","labels","max_len","predictions":
+    /// Print JSON: `{"adapter","kind","pooling","labels","max_len","predictions":
     /// [{"text","label","label_index","probabilities","logits","input_ids"},..]}`.
     #[arg(long)]
     pub json: bool,
@@ -180,6 +181,10 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         let out = serde_json::json!({
             "adapter": args.adapter.display().to_string(),
             "kind": l.kind,
+            "pooling": match l.head.pooling {
+                Pooling::ClsPooler => "cls_pooler",
+                Pooling::Mean => "mean",
+            },
             "labels": labels,
             "max_len": max_len,
             "predictions": preds,

@@ -1,6 +1,7 @@
 //! `fedsvd predict` on exports of the real MiniLM with random non-zero
-//! adapters: the logits it prints are those of the in-memory model that was
-//! exported. Needs the model assets (`fedsvd assets fetch`).
+//! adapters, for the [CLS]-pooler and the mean-pooling head: the logits it
+//! prints are those of the in-memory model that was exported. Needs the
+//! model assets (`fedsvd assets fetch`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -166,5 +167,73 @@ fn predict_reproduces_the_merged_checkpoint() {
         TEXTS[2],
     ]);
     assert_eq!(printed["kind"], "merged_checkpoint");
+    check(&printed, &model, &state, &tok);
+}
+
+#[test]
+fn predict_reproduces_a_mean_pooling_adapter() {
+    let (dir, w, tok) = setup();
+    let head = HeadConfig {
+        num_labels: 2,
+        pooling: Pooling::Mean,
+    };
+    let lora = LoraConfig {
+        targets: vec![Target::Query, Target::Value, Target::Output],
+        ..LoraConfig::default()
+    };
+    let model = Model::new(w.clone(), lora, head).unwrap();
+    let mut state = model.init_state(5).unwrap();
+    randomize(&mut state, 120);
+    let out = Scratch::new("mean-adapter");
+    save_peft_adapter(
+        &out.0,
+        &w.config,
+        model.lora_config(),
+        &head,
+        &state,
+        &meta(&dir),
+    )
+    .unwrap();
+    assert!(out.0.join("head.safetensors").is_file());
+    let printed = predict(&[
+        "--adapter",
+        out.0.to_str().unwrap(),
+        "--json",
+        TEXTS[0],
+        TEXTS[1],
+        TEXTS[2],
+    ]);
+    assert_eq!(printed["kind"], "peft_lora");
+    assert_eq!(printed["pooling"], "mean");
+    check(&printed, &model, &state, &tok);
+}
+
+#[test]
+fn predict_reproduces_a_mean_pooling_merged_checkpoint() {
+    let (dir, w, tok) = setup();
+    let head = HeadConfig {
+        num_labels: 2,
+        pooling: Pooling::Mean,
+    };
+    let lora = LoraConfig {
+        rank: 2,
+        targets: vec![Target::Key, Target::AttentionOutput],
+        ..LoraConfig::default()
+    };
+    let model = Model::new(w.clone(), lora, head).unwrap();
+    let mut state = model.init_state(6).unwrap();
+    randomize(&mut state, 160);
+    let out = Scratch::new("mean-merged");
+    save_merged_checkpoint(&out.0, &w, model.lora_config(), &head, &state, &meta(&dir)).unwrap();
+    let printed = predict(&[
+        "--adapter",
+        out.0.to_str().unwrap(),
+        "--json",
+        TEXTS[0],
+        TEXTS[1],
+        TEXTS[2],
+    ]);
+    assert_eq!(printed["kind"], "merged_checkpoint");
+    assert_eq!(printed["pooling"], "mean");
     check(&printed, &model, &state, &tok);
 }
