@@ -186,7 +186,8 @@ pub fn peft_lora_key(task: PeftTask, layer: usize, target: Target, factor: Facto
 }
 
 /// The name PEFT gives the classifier weight (`"weight"`) or bias (`"bias"`)
-/// saved as a module to save.
+/// saved as a module to save in a `SEQ_CLS` adapter (a `FEATURE_EXTRACTION`
+/// adapter has no classifier: its head is [`HEAD_FILE`]).
 pub fn peft_classifier_key(param: &str) -> String {
     format!("{PEFT_PREFIX}classifier.{param}")
 }
