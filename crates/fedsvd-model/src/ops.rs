@@ -95,27 +95,29 @@ pub(crate) fn gemm(
     }
 }
 
-/// [`gemm`] for tall `A`/`C` (many tokens). matrixmultiply splits large
-/// products over its own threads by disjoint output blocks, which keeps every
-/// element's operation order fixed.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_par(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: View<'_>,
-    b: View<'_>,
-    beta: f32,
-    c: &mut [f32],
-    rsc: usize,
-) {
-    gemm(m, k, n, alpha, a, b, beta, c, rsc, 1);
+/// Below this many multiply-adds a product runs on matrixmultiply in the
+/// calling thread; above it, on faer's matmul.
+const BIG_GEMM: usize = 1 << 22;
+
+thread_local! {
+    /// Set while this thread works through one chunk of a batch that is
+    /// split over all threads (see [`serial`]).
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Below this many multiply-adds a product runs on matrixmultiply in the
-/// calling thread; above it, on faer's parallel matmul.
-const BIG_GEMM: usize = 1 << 22;
+/// Runs `f` with this crate's large GEMMs on the calling thread only.
+///
+/// Why: when a batch is split into as many chunks as there are threads,
+/// every thread already has a chunk of its own; splitting each GEMM again
+/// would only add synchronisation and repacking. faer computes every output
+/// element in the same order either way, so results are unchanged (checked
+/// by `large_gemm_is_right_and_independent_of_the_thread_count`).
+pub(crate) fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let previous = SERIAL.with(|s| s.replace(true));
+    let out = f();
+    SERIAL.with(|s| s.set(previous));
+    out
+}
 
 /// `C[m, n] (+)= A[m, k]·B[k, n]` for the encoder's large products (the
 /// weight GEMMs over all tokens), with `A` row-major, `B` given as a
@@ -163,7 +165,12 @@ fn dense_gemm(
     } else {
         Accum::Replace
     };
-    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, 1.0f32, Par::rayon(0));
+    let par = if SERIAL.with(std::cell::Cell::get) {
+        Par::Seq
+    } else {
+        Par::rayon(0)
+    };
+    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, 1.0f32, par);
 }
 
 /// `Y[n, d_out] = X[n, d_in] · Wᵀ + bias` with `W` `[d_out, d_in]`.
@@ -324,10 +331,12 @@ fn erf_and_gauss(x: f32) -> (f32, f32) {
 /// multiply-add is enabled), so results are identical either way; AVX2 only
 /// lets the compiler process eight lanes at once.
 macro_rules! simd_dispatch {
-    (fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? $body
                 if std::arch::is_x86_feature_detected!("avx2") {
@@ -336,6 +345,7 @@ macro_rules! simd_dispatch {
                     return unsafe { avx2($($arg),*) };
                 }
             }
+            #[allow(clippy::too_many_arguments)]
             #[inline(always)]
             fn base($($arg: $ty),*) $(-> $ret)? $body
             base($($arg),*)
@@ -409,6 +419,187 @@ pub(crate) fn softmax_row(row: &mut [f32]) {
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Rows per rayon task in the rank-`r` adapter kernels.
+const LOW_RANK_ROWS: usize = 32;
+
+simd_dispatch!(
+    fn project_rows(
+        x: &[f32],
+        rsx: usize,
+        mask: Option<&[f32]>,
+        w: &[f32],
+        d: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // One row of `out` per row of `x`: r dot products of length d, each
+        // in eight lanes summed in a fixed order.
+        let r = w.len() / d;
+        for (t, o) in out.chunks_exact_mut(r).enumerate() {
+            let xt = &x[t * rsx..t * rsx + d];
+            for (j, oj) in o.iter_mut().enumerate() {
+                let wj = &w[j * d..(j + 1) * d];
+                let mut acc = [0.0f32; 8];
+                let (xc, xr) = xt.as_chunks::<8>();
+                let (wc, wr) = wj.as_chunks::<8>();
+                let mut tail = 0.0f32;
+                match mask {
+                    Some(m) => {
+                        let mt = &m[t * d..(t + 1) * d];
+                        let (mc, mr) = mt.as_chunks::<8>();
+                        for ((a, b), c) in xc.iter().zip(wc).zip(mc) {
+                            for l in 0..8 {
+                                acc[l] += a[l] * c[l] * b[l];
+                            }
+                        }
+                        for ((a, b), c) in xr.iter().zip(wr).zip(mr) {
+                            tail += a * c * b;
+                        }
+                    }
+                    None => {
+                        for (a, b) in xc.iter().zip(wc) {
+                            for l in 0..8 {
+                                acc[l] += a[l] * b[l];
+                            }
+                        }
+                        for (a, b) in xr.iter().zip(wr) {
+                            tail += a * b;
+                        }
+                    }
+                }
+                let sum = ((acc[0] + acc[4]) + (acc[1] + acc[5]))
+                    + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+                    + tail;
+                *oj = scale * sum;
+            }
+        }
+    }
+);
+
+simd_dispatch!(
+    fn expand_rows(
+        hh: &[f32],
+        w: &[f32],
+        d: usize,
+        scale: f32,
+        mask: Option<&[f32]>,
+        y: &mut [f32],
+        rsy: usize,
+        col0: usize,
+        tmp: &mut [f32],
+    ) {
+        // y_t += scale · (Σ_j h_tj w_j) ⊙ m_t, the sum over j in order.
+        let r = w.len() / d;
+        for (t, ht) in hh.chunks_exact(r).enumerate() {
+            tmp.fill(0.0);
+            for (j, &hj) in ht.iter().enumerate() {
+                for (a, b) in tmp.iter_mut().zip(&w[j * d..(j + 1) * d]) {
+                    *a += hj * b;
+                }
+            }
+            let yt = &mut y[t * rsy + col0..t * rsy + col0 + d];
+            match mask {
+                Some(m) => {
+                    for ((a, b), c) in yt.iter_mut().zip(tmp.iter()).zip(&m[t * d..(t + 1) * d]) {
+                        *a += scale * b * c;
+                    }
+                }
+                None => {
+                    for (a, b) in yt.iter_mut().zip(tmp.iter()) {
+                        *a += scale * b;
+                    }
+                }
+            }
+        }
+    }
+);
+
+/// `out[n, r] = scale · (X ⊙ M)[n, d] · Wᵀ` for a rank-`r` factor `W`
+/// (`[r, d]` row-major) and `n` rows of `X` read from `x` with row stride
+/// `rsx` (the first `d` values of each), `M` an optional `[n, d]` mask.
+///
+/// Why not the general GEMM: with `r` = 8 one side is too thin for a packed
+/// GEMM to pay off (packing cost about equal to the arithmetic), and these
+/// products run once per adapter per pass. Each output is one dot product
+/// in a fixed order, so results do not depend on the thread count.
+pub(crate) fn low_rank_project(
+    x: &[f32],
+    rsx: usize,
+    mask: Option<&[f32]>,
+    w: &[f32],
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let r = w.len() / d;
+    if r == 0 || out.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(LOW_RANK_ROWS * r)
+        .enumerate()
+        .for_each(|(b, o)| {
+            let t0 = b * LOW_RANK_ROWS;
+            let rows = o.len() / r;
+            let xs = &x[t0 * rsx..(t0 + rows - 1) * rsx + d];
+            let ms = mask.map(|m| &m[t0 * d..(t0 + rows) * d]);
+            project_rows(xs, rsx, ms, w, d, scale, o);
+        });
+}
+
+/// `Y[:, col0..col0 + d] += scale · (H[n, r] · W) ⊙ M` for a rank-`r`
+/// factor `W` (`[r, d]` row-major), `Y` with row stride `rsy`, `M` an
+/// optional `[n, d]` mask. See [`low_rank_project`] for why.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn low_rank_expand(
+    hh: &[f32],
+    w: &[f32],
+    d: usize,
+    scale: f32,
+    mask: Option<&[f32]>,
+    y: &mut [f32],
+    rsy: usize,
+    col0: usize,
+) {
+    let r = w.len() / d;
+    if r == 0 || hh.is_empty() {
+        return;
+    }
+    let n = hh.len() / r;
+    // Row blocks of `y` (the last one may end at its last used column).
+    let mut blocks = Vec::with_capacity(n.div_ceil(LOW_RANK_ROWS));
+    let mut rest = &mut y[..];
+    for b in 0..n.div_ceil(LOW_RANK_ROWS) {
+        let rows = LOW_RANK_ROWS.min(n - b * LOW_RANK_ROWS);
+        let take = if b * LOW_RANK_ROWS + rows == n {
+            rest.len()
+        } else {
+            rows * rsy
+        };
+        let (head, tail) = rest.split_at_mut(take);
+        blocks.push(head);
+        rest = tail;
+    }
+    blocks.into_par_iter().enumerate().for_each(|(b, yb)| {
+        let t0 = b * LOW_RANK_ROWS;
+        let rows = LOW_RANK_ROWS.min(n - t0);
+        let hs = &hh[t0 * r..(t0 + rows) * r];
+        let ms = mask.map(|m| &m[t0 * d..(t0 + rows) * d]);
+        let mut tmp = vec![0.0f32; d];
+        expand_rows(hs, w, d, scale, ms, yb, rsy, col0, &mut tmp);
+    });
+}
+
+/// `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; m.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = m[i * cols + j];
+        }
+    }
+    t
 }
 
 #[cfg(test)]
@@ -506,24 +697,34 @@ mod tests {
             .map(|i| ((i * 104_729 % 997) as f32 / 498.0) - 1.0)
             .collect();
         let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
-        let run = |threads: usize| {
+        let both = || {
+            let mut y = vec![0.0; m * n];
+            linear(&a, &w, &bias, k, n, &mut y);
+            // dX = dY·W with dY = y (as [m, n]) and W [n, k], added to a start value.
+            let mut dx = vec![1.0; m * k];
+            linear_backward(&y, &w, k, n, &mut dx, true);
+            (y, dx)
+        };
+        let run = |threads: usize, one_thread_only: bool| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             pool.install(|| {
-                let mut y = vec![0.0; m * n];
-                linear(&a, &w, &bias, k, n, &mut y);
-                // dX = dY·W with dY = y (as [m, n]) and W [n, k], added to a start value.
-                let mut dx = vec![1.0; m * k];
-                linear_backward(&y, &w, k, n, &mut dx, true);
-                (y, dx)
+                if one_thread_only {
+                    serial(both)
+                } else {
+                    both()
+                }
             })
         };
-        let (y1, dx1) = run(1);
-        for threads in [2, 3] {
-            let (y, dx) = run(threads);
-            assert!(y == y1 && dx == dx1, "{threads} threads changed the result");
+        let (y1, dx1) = run(1, false);
+        for (threads, one_thread_only) in [(2, false), (3, false), (3, true)] {
+            let (y, dx) = run(threads, one_thread_only);
+            assert!(
+                y == y1 && dx == dx1,
+                "{threads} threads (serial: {one_thread_only}) changed the result"
+            );
         }
         for i in (0..m).step_by(37) {
             for j in (0..n).step_by(11) {
@@ -544,5 +745,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The rank-r kernels against a naive f64 product, with a width that is
+    /// not a multiple of eight, strided rows, an offset column block, a mask,
+    /// and row counts that leave a partial last block.
+    #[test]
+    fn low_rank_kernels_match_naive_products() {
+        let (n, d, r, rs, col0) = (70, 13, 3, 20, 4);
+        let x: Vec<f32> = (0..n * rs)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..r * d)
+            .map(|i| ((i * 11 % 23) as f32 / 11.0) - 1.0)
+            .collect();
+        let m: Vec<f32> = (0..n * d)
+            .map(|i| if i % 5 == 0 { 0.0 } else { 1.25 })
+            .collect();
+        let mut h = vec![0.0f32; n * r];
+        low_rank_project(&x[col0..], rs, Some(&m), &w, d, 0.5, &mut h);
+        for t in 0..n {
+            for j in 0..r {
+                let want: f64 = 0.5
+                    * (0..d)
+                        .map(|k| {
+                            x[t * rs + col0 + k] as f64 * m[t * d + k] as f64 * w[j * d + k] as f64
+                        })
+                        .sum::<f64>();
+                assert!(
+                    (h[t * r + j] as f64 - want).abs() < 1e-5,
+                    "project [{t}, {j}]"
+                );
+            }
+        }
+        let mut y = x.clone();
+        low_rank_expand(&h, &w, d, 2.0, Some(&m), &mut y[col0..], rs, 0);
+        for t in 0..n {
+            for c in 0..rs {
+                let mut want = x[t * rs + c] as f64;
+                if (col0..col0 + d).contains(&c) {
+                    let k = c - col0;
+                    let p: f64 = (0..r)
+                        .map(|j| h[t * r + j] as f64 * w[j * d + k] as f64)
+                        .sum();
+                    want += 2.0 * p * m[t * d + k] as f64;
+                }
+                assert!(
+                    (y[t * rs + c] as f64 - want).abs() < 1e-5,
+                    "expand [{t}, {c}]"
+                );
+            }
+        }
+        assert_eq!(transpose(&w, r, d)[5 * r + 2], w[2 * d + 5]);
     }
 }

@@ -362,3 +362,112 @@ fn bad_inputs_are_typed_errors() {
     let ok = Batch::from_padded(vec![1, 0, 3, 4], vec![0; 4], vec![1, 0, 1, 1], 2).unwrap();
     assert_eq!(ok.lengths, vec![1, 2]);
 }
+
+/// `lengths.len()` sequences of the given lengths, with ids from a fixed LCG
+/// (`[CLS]`-like 1 first), enough tokens to be split into several chunks.
+fn long_batch(lengths: &[usize], salt: u64) -> Batch {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ salt;
+    let ids: Vec<Vec<u32>> = lengths
+        .iter()
+        .map(|&l| {
+            let mut v = vec![1u32];
+            v.extend((1..l).map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                3 + ((s >> 33) % 47) as u32
+            }));
+            v
+        })
+        .collect();
+    let types: Vec<Vec<u32>> = lengths.iter().map(|&l| vec![0; l]).collect();
+    Batch::from_sequences(&ids, &types, 0).unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+    for (j, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * scale,
+            "{what}: entry {j}: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn a_batch_split_into_chunks_gives_every_example_its_own_gradient() {
+    // 24 x 30 = 720 tokens: more than one chunk.
+    let (model, state) = model(Pooling::Mean);
+    let batch = long_batch(&[30; 24], 0);
+    let labels: Vec<usize> = (0..24).map(|i| i % 3).collect();
+    let grads = model.gradients(&state, &batch, &labels, None).unwrap();
+    let all = grads.per_example();
+    let p = grads.layout().len;
+    assert_eq!(all.len(), 24 * p);
+    for i in 0..24 {
+        let alone = model
+            .gradients(
+                &state,
+                &batch.slice(i..i + 1).unwrap(),
+                &labels[i..=i],
+                None,
+            )
+            .unwrap();
+        assert_close(&all[i * p..(i + 1) * p], &alone.per_example(), "gradient");
+        assert_close(
+            &grads.logits()[i * 3..(i + 1) * 3],
+            alone.logits(),
+            "logits",
+        );
+    }
+    assert_eq!(model.logits(&state, &batch).unwrap(), grads.logits());
+}
+
+#[test]
+fn dropout_masks_follow_the_example_not_the_chunk() {
+    // Shortening the first six examples moves the chunk boundaries, so
+    // example 20 sits at a different place in its chunk; its mask, and so
+    // its gradient, must not change.
+    let (model, state) = model(Pooling::ClsPooler);
+    let long = long_batch(&[30; 24], 5);
+    let mut lengths = vec![30; 24];
+    lengths[..6].iter_mut().for_each(|l| *l = 6);
+    let mut short = long_batch(&lengths, 5);
+    // Same tokens for every example from 6 on.
+    for i in 6..24 {
+        let (a, b) = (i * short.seq_len, i * long.seq_len);
+        short.input_ids[a..a + 30].copy_from_slice(&long.input_ids[b..b + 30]);
+    }
+    let labels: Vec<usize> = (0..24).map(|i| i % 3).collect();
+    let g_long = model.gradients(&state, &long, &labels, Some(9)).unwrap();
+    let g_short = model.gradients(&state, &short, &labels, Some(9)).unwrap();
+    let p = g_long.layout().len;
+    let (a, b) = (g_long.per_example(), g_short.per_example());
+    for i in [6, 17, 20, 23] {
+        assert_close(&a[i * p..(i + 1) * p], &b[i * p..(i + 1) * p], "example");
+    }
+    // And the masks do differ between examples and seeds.
+    let other = model.gradients(&state, &long, &labels, Some(10)).unwrap();
+    assert_ne!(other.per_example()[20 * p..21 * p], a[20 * p..21 * p]);
+}
+
+#[test]
+fn chunked_results_do_not_depend_on_the_thread_count() {
+    let (model, state) = model(Pooling::Mean);
+    let batch = long_batch(&[28; 40], 3);
+    let labels: Vec<usize> = (0..40).map(|i| (i * 7) % 3).collect();
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let g = model.gradients(&state, &batch, &labels, Some(4)).unwrap();
+                (g.clipped_sum(0.5).unwrap(), g.logits().to_vec())
+            })
+    };
+    let one = run(1);
+    for threads in [2, 3, 5] {
+        assert_eq!(one, run(threads), "{threads} threads");
+    }
+}
