@@ -501,7 +501,6 @@ impl Model {
         let c = &self.weights.config;
         let lw = &self.weights.layers[l];
         let (h, ff) = (c.hidden_size, c.intermediate_size);
-        let n = pack.tokens();
         let eps = c.layer_norm_eps as f32;
         let t = self.lora.targets.len();
         let mut adapter_tapes = Vec::new();
@@ -510,8 +509,7 @@ impl Model {
             None => Vec::new(),
         };
 
-        let mut qkv = vec![0.0f32; n * 3 * h];
-        ops::linear(&x, &lw.qkv.weight, &lw.qkv.bias, h, 3 * h, &mut qkv);
+        let mut qkv = ops::linear(&x, &lw.qkv.weight, &lw.qkv.bias, h, 3 * h);
         for &(ai, target) in &adapters_here {
             let col0 = match target {
                 Target::Query => 0,
@@ -611,8 +609,7 @@ impl Model {
                 });
         }
 
-        let mut r1 = vec![0.0f32; nq * h];
-        ops::linear(&ctx, &lw.attn_out.weight, &lw.attn_out.bias, h, h, &mut r1);
+        let mut r1 = ops::linear(&ctx, &lw.attn_out.weight, &lw.attn_out.bias, h, h);
         for &(ai, target) in &adapters_here {
             if target == Target::AttentionOutput {
                 let mut tp = self.adapter_forward(
@@ -657,15 +654,7 @@ impl Model {
         );
         drop(r1);
 
-        let mut inter = vec![0.0f32; nq * ff];
-        ops::linear(
-            &y1,
-            &lw.intermediate.weight,
-            &lw.intermediate.bias,
-            h,
-            ff,
-            &mut inter,
-        );
+        let mut inter = ops::linear(&y1, &lw.intermediate.weight, &lw.intermediate.bias, h, ff);
         for &(ai, target) in &adapters_here {
             if target == Target::Intermediate {
                 let mut tp = self.adapter_forward(
@@ -689,8 +678,7 @@ impl Model {
         };
         ops::gelu(&mut inter, keep.then_some(&mut gelu_d[..]));
 
-        let mut r2 = vec![0.0f32; nq * h];
-        ops::linear(&inter, &lw.output.weight, &lw.output.bias, ff, h, &mut r2);
+        let mut r2 = ops::linear(&inter, &lw.output.weight, &lw.output.bias, ff, h);
         let mut output_adapter = false;
         for &(ai, target) in &adapters_here {
             if target == Target::Output {
@@ -1052,26 +1040,22 @@ impl Model {
                     let o = pack.offsets[i];
                     cls[i * h..(i + 1) * h].copy_from_slice(&hidden[o * h..(o + 1) * h]);
                 }
-                let mut p = vec![0.0f32; b * h];
-                ops::linear(&cls, &pooler.weight, &pooler.bias, h, h, &mut p);
+                let mut p = ops::linear(&cls, &pooler.weight, &pooler.bias, h, h);
                 p.iter_mut().for_each(|v| *v = v.tanh());
                 p
             }
         }
     }
 
-    fn classify(&self, state: &LoraState, pooled: &[f32], b: usize) -> Vec<f32> {
+    fn classify(&self, state: &LoraState, pooled: &[f32]) -> Vec<f32> {
         let h = self.weights.config.hidden_size;
-        let mut logits = vec![0.0f32; b * self.head.num_labels];
         ops::linear(
             pooled,
             &state.head_weight,
             &state.head_bias,
             h,
             self.head.num_labels,
-            &mut logits,
-        );
-        logits
+        )
     }
 
     /// Logits `[batch, num_labels]` in evaluation mode (no dropout).
@@ -1086,7 +1070,7 @@ impl Model {
             let (hidden, _) =
                 self.encode(Some(state), chunk, &pack, None, None, self.cls_rows_only());
             let pooled = self.pool(&hidden, &self.hidden_packing(&pack));
-            self.classify(state, &pooled, chunk.len())
+            self.classify(state, &pooled)
         })?;
         Ok(parts.concat())
     }
@@ -1165,29 +1149,41 @@ impl Model {
             let labels = &labels[first..first + chunk.len()];
             self.chunk_gradients(state, chunk, labels, dropout, &slots)
         })?;
-        let mut parts = parts.into_iter();
-        let mut all = parts.next().unwrap_or(ChunkGradients {
-            factors: Vec::new(),
-            logits: Vec::new(),
-            losses: Vec::new(),
-        });
+        let (mut logits, mut losses) = (Vec::new(), Vec::new());
+        // Factor j of every chunk, in batch order.
+        let mut per_factor: Vec<Vec<Factor>> = Vec::new();
         for part in parts {
-            all.logits.extend_from_slice(&part.logits);
-            all.losses.extend_from_slice(&part.losses);
-            // Every chunk records the same tensors in the same order; rows
-            // of consecutive chunks follow each other as in the whole batch.
-            for (f, g) in all.factors.iter_mut().zip(&part.factors) {
-                debug_assert_eq!(f.slot, g.slot);
-                f.u.extend_from_slice(&g.u);
-                f.v.extend_from_slice(&g.v);
+            logits.extend_from_slice(&part.logits);
+            losses.extend_from_slice(&part.losses);
+            per_factor.resize_with(part.factors.len(), Vec::new);
+            for (j, f) in part.factors.into_iter().enumerate() {
+                per_factor[j].push(f);
             }
         }
+        // Every chunk records the same tensors in the same order; rows of
+        // consecutive chunks follow each other as in the whole batch.
+        let factors: Vec<Factor> = per_factor
+            .into_par_iter()
+            .filter_map(|list| {
+                let mut list = list.into_iter();
+                let mut all = list.next()?;
+                let rest: Vec<Factor> = list.collect();
+                all.u.reserve(rest.iter().map(|f| f.u.len()).sum());
+                all.v.reserve(rest.iter().map(|f| f.v.len()).sum());
+                for f in rest {
+                    debug_assert_eq!(f.slot, all.slot);
+                    all.u.extend_from_slice(&f.u);
+                    all.v.extend_from_slice(&f.v);
+                }
+                Some(all)
+            })
+            .collect();
         Ok(Gradients::new(
             layout,
-            all.factors,
+            factors,
             Packing::new(batch).offsets,
-            all.logits,
-            all.losses,
+            logits,
+            losses,
         ))
     }
 
@@ -1256,7 +1252,7 @@ impl Model {
         } else {
             self.pool(&hidden, &hpack)
         };
-        let logits = self.classify(state, &pooled, b);
+        let logits = self.classify(state, &pooled);
 
         let mut losses = vec![0.0f32; b];
         let mut dlogits = vec![0.0f32; b * k];

@@ -6,6 +6,34 @@
 
 use rayon::prelude::*;
 
+/// Runs `$body` (a loop over slices, written as a closure-free block) in a
+/// copy compiled for AVX2 when the CPU has it, else in the baseline copy.
+/// Both copies perform the same IEEE operations in the same order (no fused
+/// multiply-add is enabled), so results are identical either way; AVX2 only
+/// lets the compiler process eight lanes at once.
+macro_rules! simd_dispatch {
+    (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above), the
+                    // only requirement of calling a function compiled with it.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn base($($arg: $ty),*) $(-> $ret)? $body
+            base($($arg),*)
+        }
+    };
+}
+
 /// A strided matrix view: element `(i, j)` is at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
@@ -174,12 +202,17 @@ fn dense_gemm(
 }
 
 /// `Y[n, d_out] = X[n, d_in] · Wᵀ + bias` with `W` `[d_out, d_in]`.
-pub(crate) fn linear(x: &[f32], w: &[f32], bias: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
+///
+/// The output starts as copies of the bias (no zero fill first: these are
+/// the largest buffers of a step).
+pub(crate) fn linear(x: &[f32], w: &[f32], bias: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {
     let n = x.len() / d_in;
-    for row in y.chunks_exact_mut(d_out) {
-        row.copy_from_slice(bias);
+    let mut y = Vec::with_capacity(n * d_out);
+    for _ in 0..n {
+        y.extend_from_slice(bias);
     }
-    dense_gemm(n, d_in, d_out, x, w, true, true, y);
+    dense_gemm(n, d_in, d_out, x, w, true, true, &mut y);
+    y
 }
 
 /// `dX[n, d_in] (+)= dY[n, d_out] · W` with `W` `[d_out, d_in]`.
@@ -198,6 +231,63 @@ pub(crate) fn linear_backward(
 /// Rows per rayon task in the row-wise kernels.
 const ROWS: usize = 16;
 
+/// Sum of `f(v)` over a row in eight lanes added in a fixed order, so that
+/// the loop vectorizes and the result is the same on every machine.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(usize, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (chunks, tail) = row.as_chunks::<8>();
+    for (c, vals) in chunks.iter().enumerate() {
+        for l in 0..8 {
+            acc[l] += f(c * 8 + l, vals[l]);
+        }
+    }
+    let mut rest = 0.0f32;
+    for (j, &v) in tail.iter().enumerate() {
+        rest += f(chunks.len() * 8 + j, v);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
+}
+
+simd_dispatch!(
+    fn layer_norm_rows(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        y: &mut [f32],
+        xhat: Option<&mut [f32]>,
+        rstd: Option<&mut [f32]>,
+    ) {
+        let h = gamma.len();
+        let mut xhat = xhat;
+        let mut rstd = rstd;
+        for (i, (xr, yr)) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).enumerate() {
+            let mean = lane_sum(xr, |_, v| v) / h as f32;
+            let var = lane_sum(xr, |_, v| (v - mean) * (v - mean)) / h as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            match xhat.as_deref_mut() {
+                Some(xh) => {
+                    let xh = &mut xh[i * h..(i + 1) * h];
+                    for j in 0..h {
+                        let z = (xr[j] - mean) * r;
+                        xh[j] = z;
+                        yr[j] = z * gamma[j] + beta[j];
+                    }
+                }
+                None => {
+                    for j in 0..h {
+                        yr[j] = (xr[j] - mean) * r * gamma[j] + beta[j];
+                    }
+                }
+            }
+            if let Some(rs) = rstd.as_deref_mut() {
+                rs[i] = r;
+            }
+        }
+    }
+);
+
 /// LayerNorm of every row of `x` (width `h`) into `y`; keeps the normalized
 /// rows and reciprocal standard deviations for the backward pass when asked.
 pub(crate) fn layer_norm(
@@ -209,28 +299,6 @@ pub(crate) fn layer_norm(
     mut save: Option<(&mut [f32], &mut [f32])>,
 ) {
     let h = gamma.len();
-    let one = |xr: &[f32], yr: &mut [f32], xhat: Option<&mut [f32]>, rstd_out: Option<&mut f32>| {
-        let mean = xr.iter().sum::<f32>() / h as f32;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-        let rstd = 1.0 / (var + eps).sqrt();
-        match xhat {
-            Some(xh) => {
-                for j in 0..h {
-                    let z = (xr[j] - mean) * rstd;
-                    xh[j] = z;
-                    yr[j] = z * gamma[j] + beta[j];
-                }
-            }
-            None => {
-                for j in 0..h {
-                    yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
-                }
-            }
-        }
-        if let Some(r) = rstd_out {
-            *r = rstd;
-        }
-    };
     match save.as_mut() {
         Some((xhat, rstd)) => {
             x.par_chunks(ROWS * h)
@@ -238,51 +306,37 @@ pub(crate) fn layer_norm(
                 .zip(xhat.par_chunks_mut(ROWS * h))
                 .zip(rstd.par_chunks_mut(ROWS))
                 .for_each(|(((xc, yc), hc), rc)| {
-                    for (((xr, yr), hr), r) in xc
-                        .chunks_exact(h)
-                        .zip(yc.chunks_exact_mut(h))
-                        .zip(hc.chunks_exact_mut(h))
-                        .zip(rc.iter_mut())
-                    {
-                        one(xr, yr, Some(hr), Some(r));
-                    }
+                    layer_norm_rows(xc, gamma, beta, eps, yc, Some(hc), Some(rc));
                 });
         }
         None => {
             x.par_chunks(ROWS * h)
                 .zip(y.par_chunks_mut(ROWS * h))
-                .for_each(|(xc, yc)| {
-                    for (xr, yr) in xc.chunks_exact(h).zip(yc.chunks_exact_mut(h)) {
-                        one(xr, yr, None, None);
-                    }
-                });
+                .for_each(|(xc, yc)| layer_norm_rows(xc, gamma, beta, eps, yc, None, None));
         }
     }
 }
 
-/// Backward of LayerNorm with frozen scale: `dy` is replaced in place by the
-/// gradient with respect to the LayerNorm input.
+simd_dispatch!(
+    fn layer_norm_backward_rows(dy: &mut [f32], xhat: &[f32], rstd: &[f32], gamma: &[f32]) {
+        let h = gamma.len();
+        for ((d, xh), &r) in dy.chunks_exact_mut(h).zip(xhat.chunks_exact(h)).zip(rstd) {
+            let m1 = lane_sum(d, |j, v| v * gamma[j]) / h as f32;
+            let m2 = lane_sum(d, |j, v| v * gamma[j] * xh[j]) / h as f32;
+            for j in 0..h {
+                d[j] = r * (d[j] * gamma[j] - m1 - xh[j] * m2);
+            }
+        }
+    }
+);
+
+/// In place: the gradient of a LayerNorm's output becomes that of its input.
 pub(crate) fn layer_norm_backward(dy: &mut [f32], xhat: &[f32], rstd: &[f32], gamma: &[f32]) {
     let h = gamma.len();
     dy.par_chunks_mut(ROWS * h)
         .zip(xhat.par_chunks(ROWS * h))
         .zip(rstd.par_chunks(ROWS))
-        .for_each(|((dc, hc), rc)| {
-            for ((d, xh), &r) in dc.chunks_exact_mut(h).zip(hc.chunks_exact(h)).zip(rc) {
-                let mut s1 = 0.0f32;
-                let mut s2 = 0.0f32;
-                for j in 0..h {
-                    let g = d[j] * gamma[j];
-                    s1 += g;
-                    s2 += g * xh[j];
-                }
-                let m1 = s1 / h as f32;
-                let m2 = s2 / h as f32;
-                for j in 0..h {
-                    d[j] = r * (d[j] * gamma[j] - m1 - xh[j] * m2);
-                }
-            }
-        });
+        .for_each(|((dc, hc), rc)| layer_norm_backward_rows(dc, hc, rc, gamma));
 }
 
 /// `exp(x)` for `x ≤ 88`, relative error about 2e-7, written without
@@ -323,34 +377,6 @@ fn erf_and_gauss(x: f32) -> (f32, f32) {
     let g = exp_approx(-ax * ax);
     let y = 1.0 - poly * g;
     (y.copysign(x), g)
-}
-
-/// Runs `$body` (a loop over slices, written as a closure-free block) in a
-/// copy compiled for AVX2 when the CPU has it, else in the baseline copy.
-/// Both copies perform the same IEEE operations in the same order (no fused
-/// multiply-add is enabled), so results are identical either way; AVX2 only
-/// lets the compiler process eight lanes at once.
-macro_rules! simd_dispatch {
-    (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx2")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? $body
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2 (checked just above), the
-                    // only requirement of calling a function compiled with it.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            #[allow(clippy::too_many_arguments)]
-            #[inline(always)]
-            fn base($($arg: $ty),*) $(-> $ret)? $body
-            base($($arg),*)
-        }
-    };
 }
 
 simd_dispatch!(
@@ -672,8 +698,7 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let bias = vec![0.5, -1.0, 2.0];
-        let mut y = vec![0.0; m * n];
-        linear(&a, &w, &bias, k, n, &mut y);
+        let y = linear(&a, &w, &bias, k, n);
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = bias[j] + (0..k).map(|t| a[i * k + t] * w[j * k + t]).sum::<f32>();
@@ -698,8 +723,7 @@ mod tests {
             .collect();
         let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
         let both = || {
-            let mut y = vec![0.0; m * n];
-            linear(&a, &w, &bias, k, n, &mut y);
+            let y = linear(&a, &w, &bias, k, n);
             // dX = dY·W with dY = y (as [m, n]) and W [n, k], added to a start value.
             let mut dx = vec![1.0; m * k];
             linear_backward(&y, &w, k, n, &mut dx, true);
