@@ -96,7 +96,8 @@ pub enum Error {
         message: String,
     },
     /// The trained state has no equivalent in the Hugging Face format asked
-    /// for (e.g. mean pooling, which `BertForSequenceClassification` lacks).
+    /// for (e.g. a merged [CLS]-pooler checkpoint from a base model that has
+    /// no pooler).
     #[error("cannot export: {0}")]
     NotExportable(String),
     /// A file could not be written.
