@@ -172,28 +172,39 @@ impl Gradients {
     }
 
     /// `Σ_i w_i g_i` for per-example weights `w`: one GEMM per tensor over
-    /// the row-scaled factors, tensors in parallel.
+    /// the row-scaled factors, tensors in parallel. The narrower factor is
+    /// the one scaled (a copy of `V`, eight wide for a rank-8 `B`, instead of
+    /// `U`, as wide as the layer), so the copy is small.
     fn weighted_sum(&self, w: &[f32]) -> Vec<f32> {
         let parts: Vec<(usize, Vec<f32>)> = self
             .factors
             .par_iter()
             .map(|f| {
                 let rows = f.u.len() / f.du.max(1);
-                let mut u = f.u.clone();
+                let scale_u = f.du <= f.dv;
+                let (width, src) = if scale_u { (f.du, &f.u) } else { (f.dv, &f.v) };
+                let mut scaled = src.clone();
                 for (i, &wi) in w.iter().enumerate() {
                     let (r0, r1) = self.rows(f, i);
                     if wi != 1.0 {
-                        u[r0 * f.du..r1 * f.du].iter_mut().for_each(|v| *v *= wi);
+                        scaled[r0 * width..r1 * width]
+                            .iter_mut()
+                            .for_each(|v| *v *= wi);
                     }
                 }
+                let (u, v) = if scale_u {
+                    (&scaled, &f.v)
+                } else {
+                    (&f.u, &scaled)
+                };
                 let mut g = vec![0.0f32; f.du * f.dv];
                 ops::gemm(
                     f.du,
                     rows,
                     f.dv,
                     1.0,
-                    View::rm_t(&u, f.du),
-                    View::rm(&f.v, f.dv),
+                    View::rm_t(u, f.du),
+                    View::rm(v, f.dv),
                     0.0,
                     &mut g,
                     f.dv,

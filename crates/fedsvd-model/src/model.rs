@@ -2,6 +2,7 @@
 //! that yields per-example gradients of the trainable parameters only.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1190,7 +1191,8 @@ impl Model {
     /// Runs `f(chunk, first)` on every chunk of `batch` (see
     /// [`chunk_ranges`]; `first` is the index of the chunk's first example),
     /// in parallel, and returns the results in batch order. With at least as
-    /// many chunks as threads each chunk runs on one thread ([`ops::serial`]).
+    /// many chunks as threads each chunk runs on one thread
+    /// ([`ops::serial_until_idle`]) until a thread runs out of chunks.
     fn over_chunks<T: Send>(
         &self,
         batch: &Batch,
@@ -1200,16 +1202,25 @@ impl Model {
         if ranges.len() <= 1 {
             return Ok(vec![f(batch, 0)]);
         }
-        let serial = ranges.len() >= rayon::current_num_threads();
+        let threads = rayon::current_num_threads();
+        let serial = ranges.len() >= threads;
+        // Once fewer chunks are unfinished than there are threads, a thread
+        // is idle: the chunks still running hand their GEMMs to the pool.
+        let unfinished = AtomicUsize::new(ranges.len());
+        let idle = Arc::new(AtomicBool::new(false));
         ranges
             .into_par_iter()
             .map(|r| {
                 let chunk = batch.slice(r.clone())?;
-                Ok(if serial {
-                    ops::serial(|| f(&chunk, r.start))
+                let out = if serial {
+                    ops::serial_until_idle(&idle, || f(&chunk, r.start))
                 } else {
                     f(&chunk, r.start)
-                })
+                };
+                if unfinished.fetch_sub(1, Ordering::Relaxed) - 1 < threads {
+                    idle.store(true, Ordering::Relaxed);
+                }
+                Ok(out)
             })
             .collect()
     }

@@ -4,6 +4,9 @@
 //! threads (matrixmultiply splits its work over disjoint output blocks, and
 //! the row-wise kernels run one row per task).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 /// Runs `$body` (a loop over slices, written as a closure-free block) in a
@@ -131,6 +134,10 @@ thread_local! {
     /// Set while this thread works through one chunk of a batch that is
     /// split over all threads (see [`serial`]).
     static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// While [`SERIAL`] is set: the flag that says another thread of the
+    /// pool has run out of chunks (see [`serial_until_idle`]).
+    static IDLE: std::cell::RefCell<Option<Arc<AtomicBool>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` with this crate's large GEMMs on the calling thread only.
@@ -139,12 +146,40 @@ thread_local! {
 /// every thread already has a chunk of its own; splitting each GEMM again
 /// would only add synchronisation and repacking. faer computes every output
 /// element in the same order either way, so results are unchanged (checked
-/// by `large_gemm_is_right_and_independent_of_the_thread_count`).
+/// by `large_gemm_is_right_and_independent_of_the_thread_count`). The
+/// encoder uses [`serial_until_idle`]; this form is for tests.
+#[cfg(test)]
 pub(crate) fn serial<R>(f: impl FnOnce() -> R) -> R {
+    serial_until_idle(&Arc::new(AtomicBool::new(false)), f)
+}
+
+/// [`serial`], except that once `idle` is set (another thread of the pool
+/// has no chunk left) the large GEMMs go back to the whole pool, so the idle
+/// thread takes part in the chunks still running.
+///
+/// Why: equal chunks still finish far apart on this machine. Timed on the
+/// 2-core build machine, 512-token chunks of one step took 0.34 to 0.50 s,
+/// and the thread that finished first then waited up to 0.19 s of a 0.9 s
+/// step. The switch can happen at any GEMM; results do not change, because
+/// faer sums every element in the same order on one thread or several.
+pub(crate) fn serial_until_idle<R>(idle: &Arc<AtomicBool>, f: impl FnOnce() -> R) -> R {
     let previous = SERIAL.with(|s| s.replace(true));
+    let previous_idle = IDLE.with(|i| i.replace(Some(Arc::clone(idle))));
     let out = f();
+    IDLE.with(|i| *i.borrow_mut() = previous_idle);
     SERIAL.with(|s| s.set(previous));
     out
+}
+
+/// Whether this thread's large GEMMs run on the calling thread only: inside
+/// [`serial`] and while no other thread is idle.
+fn gemm_on_this_thread_only() -> bool {
+    SERIAL.with(std::cell::Cell::get)
+        && !IDLE.with(|i| {
+            i.borrow()
+                .as_ref()
+                .is_some_and(|flag| flag.load(Ordering::Relaxed))
+        })
 }
 
 /// `C[m, n] (+)= A[m, k]·B[k, n]` for the encoder's large products (the
@@ -193,7 +228,7 @@ fn dense_gemm(
     } else {
         Accum::Replace
     };
-    let par = if SERIAL.with(std::cell::Cell::get) {
+    let par = if gemm_on_this_thread_only() {
         Par::Seq
     } else {
         Par::rayon(0)
@@ -750,6 +785,32 @@ mod tests {
                 "{threads} threads (serial: {one_thread_only}) changed the result"
             );
         }
+        // A chunk whose GEMMs go back to the pool part-way (another thread
+        // fell idle between the two products) gets the same result.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for idle_before in [false, true] {
+            let idle = Arc::new(AtomicBool::new(idle_before));
+            let (y, dx) = pool.install(|| {
+                serial_until_idle(&idle, || {
+                    let y = linear(&a, &w, &bias, k, n);
+                    idle.store(true, Ordering::Relaxed);
+                    assert!(!gemm_on_this_thread_only());
+                    let mut dx = vec![1.0; m * k];
+                    linear_backward(&y, &w, k, n, &mut dx, true);
+                    (y, dx)
+                })
+            });
+            assert!(
+                y == y1 && dx == dx1,
+                "idle from the start: {idle_before}; the switch changed the result"
+            );
+        }
+        let never = Arc::new(AtomicBool::new(false));
+        assert!(serial_until_idle(&never, gemm_on_this_thread_only));
+        assert!(!gemm_on_this_thread_only());
         for i in (0..m).step_by(37) {
             for j in (0..n).step_by(11) {
                 let want: f64 = bias[j] as f64
