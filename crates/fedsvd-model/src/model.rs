@@ -485,6 +485,36 @@ impl Model {
         }
     }
 
+    /// The fused query/key/value projection of a layer in which only the
+    /// [CLS] rows are queried: keys and values for every token, queries for
+    /// each example's first row alone. The other rows' query columns hold
+    /// the bias and are never read (attention and its backward read the
+    /// query of the [CLS] row only). Saves a third of the projection.
+    fn qkv_for_cls_queries(&self, x: &[f32], l: usize, pack: &Packing) -> Vec<f32> {
+        let h = self.weights.config.hidden_size;
+        let lin = &self.weights.layers[l].qkv;
+        let n = pack.tokens();
+        let (wq, wkv) = lin.weight.split_at(h * h);
+        let (bq, bkv) = lin.bias.split_at(h);
+        let kv = ops::linear(x, wkv, bkv, h, 2 * h);
+        let mut qkv = Vec::with_capacity(n * 3 * h);
+        for row in kv.chunks_exact(2 * h) {
+            qkv.extend_from_slice(bq);
+            qkv.extend_from_slice(row);
+        }
+        drop(kv);
+        let mut x_cls = Vec::with_capacity(pack.examples() * h);
+        for &o in &pack.offsets[..pack.examples()] {
+            x_cls.extend_from_slice(&x[o * h..(o + 1) * h]);
+        }
+        let q_cls = ops::linear(&x_cls, wq, bq, h, h);
+        for (i, row) in q_cls.chunks_exact(h).enumerate() {
+            let o = pack.offsets[i];
+            qkv[o * 3 * h..o * 3 * h + h].copy_from_slice(row);
+        }
+        qkv
+    }
+
     /// One encoder layer. Returns the layer output and, when `keep`, what the
     /// backward pass needs. With `cls_only` everything after attention runs
     /// on each example's [CLS] row alone (the output is `[batch, h]`).
@@ -510,7 +540,11 @@ impl Model {
             None => Vec::new(),
         };
 
-        let mut qkv = ops::linear(&x, &lw.qkv.weight, &lw.qkv.bias, h, 3 * h);
+        let mut qkv = if cls_only {
+            self.qkv_for_cls_queries(&x, l, pack)
+        } else {
+            ops::linear(&x, &lw.qkv.weight, &lw.qkv.bias, h, 3 * h)
+        };
         for &(ai, target) in &adapters_here {
             let col0 = match target {
                 Target::Query => 0,
@@ -951,7 +985,32 @@ impl Model {
                 }
                 dx
             };
-            ops::linear_backward(&dqkv, &lw.qkv.weight, h, 3 * h, &mut dx, true);
+            if nq == n {
+                ops::linear_backward(&dqkv, &lw.qkv.weight, h, 3 * h, &mut dx, true);
+            } else {
+                // Keys and values have gradients on every row, queries on
+                // the [CLS] rows only (see `qkv_for_cls_queries`).
+                let (wq, wkv) = lw.qkv.weight.split_at(h * h);
+                let mut dkv = Vec::with_capacity(n * 2 * h);
+                for row in dqkv.chunks_exact(3 * h) {
+                    dkv.extend_from_slice(&row[h..]);
+                }
+                ops::linear_backward(&dkv, wkv, h, 2 * h, &mut dx, true);
+                drop(dkv);
+                let mut dq_cls = Vec::with_capacity(nq * h);
+                for &o in &pack.offsets[..pack.examples()] {
+                    dq_cls.extend_from_slice(&dqkv[o * 3 * h..o * 3 * h + h]);
+                }
+                let mut dx_cls = vec![0.0f32; nq * h];
+                ops::linear_backward(&dq_cls, wq, h, h, &mut dx_cls, false);
+                for (i, row) in dx_cls.chunks_exact(h).enumerate() {
+                    let o = pack.offsets[i];
+                    dx[o * h..(o + 1) * h]
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
             Some(dx)
         } else {
             None
