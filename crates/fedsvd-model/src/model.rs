@@ -336,7 +336,7 @@ impl Model {
     fn embed_tokens(&self, batch: &Batch, pack: &Packing) -> Vec<f32> {
         let w = &self.weights;
         let h = w.config.hidden_size;
-        let mut sum = vec![0.0f32; pack.tokens() * h];
+        let mut sum = ops::overwritten_buffer(pack.tokens() * h);
         let mut rows = split_rows(&mut sum, &pack.offsets, h);
         rows.par_iter_mut().enumerate().for_each(|(i, rows)| {
             for (p, (&id, &ty)) in batch.ids(i).iter().zip(batch.type_ids(i)).enumerate() {
@@ -349,7 +349,7 @@ impl Model {
                 }
             }
         });
-        let mut y = vec![0.0f32; sum.len()];
+        let mut y = ops::overwritten_buffer(sum.len());
         ops::layer_norm(
             &sum,
             &w.embeddings_ln.gamma,
@@ -358,6 +358,7 @@ impl Model {
             &mut y,
             None,
         );
+        ops::recycle(sum);
         y
     }
 
@@ -379,7 +380,7 @@ impl Model {
         let r = state.rank;
         let n = pack.tokens();
         let mask = dropout.filter(|d| d.p > 0.0).map(|d| {
-            let mut m = vec![0.0f32; n * ad.d_in];
+            let mut m = ops::overwritten_buffer(n * ad.d_in);
             let keep = 1.0 / (1.0 - d.p);
             let mut rows = split_rows(&mut m, &pack.offsets, ad.d_in);
             rows.par_iter_mut().enumerate().for_each(|(i, rows)| {
@@ -466,7 +467,7 @@ impl Model {
             });
         }
         if let Some(slot) = slots.b[index] {
-            let mut dyc = vec![0.0f32; n * ad.d_out];
+            let mut dyc = ops::overwritten_buffer(n * ad.d_out);
             dyc.par_chunks_mut(ad.d_out)
                 .zip(dy.par_chunks(rsy))
                 .for_each(|(d, src)| {
@@ -482,6 +483,9 @@ impl Model {
                 dv: r,
                 per_token: tape.per_token,
             });
+        }
+        if let Some(mask) = tape.mask {
+            ops::recycle(mask);
         }
     }
 
@@ -502,7 +506,7 @@ impl Model {
             qkv.extend_from_slice(bq);
             qkv.extend_from_slice(row);
         }
-        drop(kv);
+        ops::recycle(kv);
         let mut x_cls = Vec::with_capacity(pack.examples() * h);
         for &o in &pack.offsets[..pack.examples()] {
             x_cls.extend_from_slice(&x[o * h..(o + 1) * h]);
@@ -586,8 +590,8 @@ impl Model {
             }
             o
         };
-        let mut probs = vec![0.0f32; *poffs.last().unwrap_or(&0)];
-        let mut ctx = vec![0.0f32; nq * h];
+        let mut probs = ops::overwritten_buffer(*poffs.last().unwrap_or(&0));
+        let mut ctx = ops::overwritten_buffer(nq * h);
         {
             let ctx_rows = split_rows(&mut ctx, &qpack.offsets, h);
             let prob_rows = split_rows(&mut probs, &poffs, 1);
@@ -673,9 +677,9 @@ impl Model {
                 .zip(x.par_chunks(4096))
                 .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
         }
-        let mut y1 = vec![0.0f32; nq * h];
+        let mut y1 = ops::overwritten_buffer(nq * h);
         let (mut xhat1, mut rstd1) = if keep {
-            (vec![0.0f32; nq * h], vec![0.0f32; nq])
+            (ops::overwritten_buffer(nq * h), vec![0.0f32; nq])
         } else {
             (Vec::new(), Vec::new())
         };
@@ -687,7 +691,7 @@ impl Model {
             &mut y1,
             keep.then_some((&mut xhat1[..], &mut rstd1[..])),
         );
-        drop(r1);
+        ops::recycle(r1);
 
         let mut inter = ops::linear(&y1, &lw.intermediate.weight, &lw.intermediate.bias, h, ff);
         for &(ai, target) in &adapters_here {
@@ -707,7 +711,7 @@ impl Model {
             }
         }
         let mut gelu_d = if keep {
-            vec![0.0f32; nq * ff]
+            ops::overwritten_buffer(nq * ff)
         } else {
             Vec::new()
         };
@@ -735,9 +739,9 @@ impl Model {
         r2.par_chunks_mut(4096)
             .zip(y1.par_chunks(4096))
             .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
-        let mut out = vec![0.0f32; nq * h];
+        let mut out = ops::overwritten_buffer(nq * h);
         let (mut xhat2, mut rstd2) = if keep {
-            (vec![0.0f32; nq * h], vec![0.0f32; nq])
+            (ops::overwritten_buffer(nq * h), vec![0.0f32; nq])
         } else {
             (Vec::new(), Vec::new())
         };
@@ -749,7 +753,17 @@ impl Model {
             &mut out,
             keep.then_some((&mut xhat2[..], &mut rstd2[..])),
         );
-        let tape = keep.then(|| LayerTape {
+        ops::recycle(r2);
+        if !output_adapter || !keep {
+            ops::recycle(std::mem::take(&mut inter));
+        }
+        if !keep {
+            for buffer in [x, qkv, probs, ctx, y1] {
+                ops::recycle(buffer);
+            }
+            return (out, None);
+        }
+        let tape = LayerTape {
             x,
             qkv,
             probs,
@@ -763,8 +777,8 @@ impl Model {
             rstd2,
             adapters: adapter_tapes,
             qpack,
-        });
-        (out, tape)
+        };
+        (out, Some(tape))
     }
 
     /// Backward of one layer: takes the gradient of its output, returns the
@@ -812,16 +826,19 @@ impl Model {
 
         // Output LayerNorm and output.dense.
         ops::layer_norm_backward(&mut dy, &xhat2, &rstd2, &lw.output_ln.gamma);
+        ops::recycle(xhat2);
         let dr2 = dy;
-        let mut dg = vec![0.0f32; nq * ff];
+        let mut dg = ops::overwritten_buffer(nq * ff);
         ops::linear_backward(&dr2, &lw.output.weight, ff, h, &mut dg, false);
         if let Some((ai, tp)) = take(Target::Output) {
             let g = gelu_out.as_deref().unwrap_or(&[]);
             self.adapter_backward(state, ai, tp, g, &dr2, h, 0, Some(&mut dg), factors, slots);
         }
+        ops::recycle(gelu_out.unwrap_or_default());
         dg.par_chunks_mut(4096)
             .zip(gelu_d.par_chunks(4096))
             .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a *= b));
+        ops::recycle(gelu_d);
         let di = dg;
 
         // intermediate.dense and the residual around the feed-forward block.
@@ -841,12 +858,14 @@ impl Model {
                 slots,
             );
         }
-        drop(di);
+        ops::recycle(di);
+        ops::recycle(y1);
         ops::layer_norm_backward(&mut dy1, &xhat1, &rstd1, &lw.attn_ln.gamma);
+        ops::recycle(xhat1);
         let dr1 = dy1;
 
         // attention.output.dense.
-        let mut dctx = vec![0.0f32; nq * h];
+        let mut dctx = ops::overwritten_buffer(nq * h);
         ops::linear_backward(&dr1, &lw.attn_out.weight, h, h, &mut dctx, false);
         if let Some((ai, tp)) = take(Target::AttentionOutput) {
             self.adapter_backward(
@@ -862,6 +881,7 @@ impl Model {
                 slots,
             );
         }
+        ops::recycle(ctx);
 
         // Attention.
         let nh = c.num_attention_heads;
@@ -874,7 +894,14 @@ impl Model {
         // Keys get no gradient below the lowest layer that passes one on,
         // unless a key adapter trains.
         let need_dk = need_dx || slots_train_key(state, l, &self.lora);
-        let mut dqkv = vec![0.0f32; n * 3 * h];
+        // Every value of dqkv is written below unless keys get no gradient
+        // or only the [CLS] rows are queried (the other rows' query
+        // gradients stay zero).
+        let mut dqkv = if need_dk && nq == n {
+            ops::overwritten_buffer(n * 3 * h)
+        } else {
+            vec![0.0f32; n * 3 * h]
+        };
         {
             let rows = split_rows(&mut dqkv, &pack.offsets, 3 * h);
             rows.into_par_iter().enumerate().for_each(|(i, dq)| {
@@ -969,8 +996,8 @@ impl Model {
                 }
             });
         }
-        drop(dctx);
-        drop(probs);
+        ops::recycle(dctx);
+        ops::recycle(probs);
 
         // Query/key/value projections and the residual around attention.
         let mut dx = if need_dx {
@@ -983,6 +1010,7 @@ impl Model {
                     let o = pack.offsets[i];
                     dx[o * h..(o + 1) * h].copy_from_slice(row);
                 }
+                ops::recycle(dr1);
                 dx
             };
             if nq == n {
@@ -996,7 +1024,7 @@ impl Model {
                     dkv.extend_from_slice(&row[h..]);
                 }
                 ops::linear_backward(&dkv, wkv, h, 2 * h, &mut dx, true);
-                drop(dkv);
+                ops::recycle(dkv);
                 let mut dq_cls = Vec::with_capacity(nq * h);
                 for &o in &pack.offsets[..pack.examples()] {
                     dq_cls.extend_from_slice(&dqkv[o * 3 * h..o * 3 * h + h]);
@@ -1013,6 +1041,7 @@ impl Model {
             }
             Some(dx)
         } else {
+            ops::recycle(dr1);
             None
         };
         for (target, col0) in [(Target::Query, 0), (Target::Key, h), (Target::Value, 2 * h)] {
@@ -1030,6 +1059,9 @@ impl Model {
                     slots,
                 );
             }
+        }
+        for buffer in [dqkv, qkv, x] {
+            ops::recycle(buffer);
         }
         dx
     }
