@@ -69,6 +69,31 @@ impl Packing {
     fn examples(&self) -> usize {
         self.offsets.len() - 1
     }
+    /// `[examples, width]`: the first `width` values of every example's
+    /// first row (its [CLS] token) in a packed matrix whose rows are
+    /// `stride` values apart.
+    fn first_rows(&self, m: &[f32], stride: usize, width: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.examples() * width);
+        for &o in &self.offsets[..self.examples()] {
+            out.extend_from_slice(&m[o * stride..o * stride + width]);
+        }
+        out
+    }
+    /// The way back of [`Packing::first_rows`]: `combine(target, value)`
+    /// for every value of `rows` (`[examples, width]`) and its place in `m`.
+    fn update_first_rows(
+        &self,
+        m: &mut [f32],
+        stride: usize,
+        rows: &[f32],
+        width: usize,
+        combine: impl Fn(&mut f32, f32),
+    ) {
+        for (&o, row) in self.offsets.iter().zip(rows.chunks_exact(width.max(1))) {
+            let target = &mut m[o * stride..o * stride + width];
+            target.iter_mut().zip(row).for_each(|(t, &v)| combine(t, v));
+        }
+    }
 }
 
 /// Splits a `[rows, width]` buffer into one mutable slice per example.
@@ -507,15 +532,9 @@ impl Model {
             qkv.extend_from_slice(row);
         }
         ops::recycle(kv);
-        let mut x_cls = Vec::with_capacity(pack.examples() * h);
-        for &o in &pack.offsets[..pack.examples()] {
-            x_cls.extend_from_slice(&x[o * h..(o + 1) * h]);
-        }
+        let x_cls = pack.first_rows(x, h, h);
         let q_cls = ops::linear(&x_cls, wq, bq, h, h);
-        for (i, row) in q_cls.chunks_exact(h).enumerate() {
-            let o = pack.offsets[i];
-            qkv[o * 3 * h..o * 3 * h + h].copy_from_slice(row);
-        }
+        pack.update_first_rows(&mut qkv, 3 * h, &q_cls, h, |t, v| *t = v);
         qkv
     }
 
@@ -1006,10 +1025,7 @@ impl Model {
             } else {
                 // Only the [CLS] rows passed through the residual.
                 let mut dx = vec![0.0f32; n * h];
-                for (i, row) in dr1.chunks_exact(h).enumerate() {
-                    let o = pack.offsets[i];
-                    dx[o * h..(o + 1) * h].copy_from_slice(row);
-                }
+                pack.update_first_rows(&mut dx, h, &dr1, h, |t, v| *t = v);
                 ops::recycle(dr1);
                 dx
             };
@@ -1025,19 +1041,10 @@ impl Model {
                 }
                 ops::linear_backward(&dkv, wkv, h, 2 * h, &mut dx, true);
                 ops::recycle(dkv);
-                let mut dq_cls = Vec::with_capacity(nq * h);
-                for &o in &pack.offsets[..pack.examples()] {
-                    dq_cls.extend_from_slice(&dqkv[o * 3 * h..o * 3 * h + h]);
-                }
+                let dq_cls = pack.first_rows(&dqkv, 3 * h, h);
                 let mut dx_cls = vec![0.0f32; nq * h];
                 ops::linear_backward(&dq_cls, wq, h, h, &mut dx_cls, false);
-                for (i, row) in dx_cls.chunks_exact(h).enumerate() {
-                    let o = pack.offsets[i];
-                    dx[o * h..(o + 1) * h]
-                        .iter_mut()
-                        .zip(row)
-                        .for_each(|(a, b)| *a += b);
-                }
+                pack.update_first_rows(&mut dx, h, &dx_cls, h, |t, v| *t += v);
             }
             Some(dx)
         } else {
@@ -1118,7 +1125,6 @@ impl Model {
     /// [`Pooling::ClsPooler`]).
     fn pool(&self, hidden: &[f32], pack: &Packing) -> Vec<f32> {
         let h = self.weights.config.hidden_size;
-        let b = pack.examples();
         match self.head.pooling {
             Pooling::Mean => mean_pool(hidden, pack, h),
             Pooling::ClsPooler => {
@@ -1127,11 +1133,7 @@ impl Model {
                     .pooler
                     .as_ref()
                     .expect("Model::new checks the pooler exists");
-                let mut cls = vec![0.0f32; b * h];
-                for i in 0..b {
-                    let o = pack.offsets[i];
-                    cls[i * h..(i + 1) * h].copy_from_slice(&hidden[o * h..(o + 1) * h]);
-                }
+                let cls = pack.first_rows(hidden, h, h);
                 let mut p = ops::linear(&cls, &pooler.weight, &pooler.bias, h, h);
                 p.iter_mut().for_each(|v| *v = v.tanh());
                 p

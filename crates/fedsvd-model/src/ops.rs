@@ -95,12 +95,18 @@ pub(crate) fn gemm(
     assert!(b.data.len() >= b.last(k, n), "gemm: B too small");
     let c_last = (m - 1) * rsc + (n - 1) * csc + 1;
     assert!(c.len() >= c_last, "gemm: C too small");
-    if k == 0 {
+    if k == 0 || (beta != 0.0 && beta != 1.0) {
+        // C ← beta·C first; beta = 0 writes zeros whatever C held (as in
+        // BLAS), since a buffer may come uninitialised in that sense (see
+        // `overwritten_buffer`).
         for i in 0..m {
             for j in 0..n {
-                c[i * rsc + j * csc] *= beta;
+                let v = &mut c[i * rsc + j * csc];
+                *v = if beta == 0.0 { 0.0 } else { *v * beta };
             }
         }
+    }
+    if k == 0 {
         return;
     }
     // faer on the calling thread: at the attention's per-head shapes (64 ×
@@ -111,13 +117,6 @@ pub(crate) fn gemm(
     let accum = if beta == 0.0 {
         Accum::Replace
     } else {
-        if beta != 1.0 {
-            for i in 0..m {
-                for j in 0..n {
-                    c[i * rsc + j * csc] *= beta;
-                }
-            }
-        }
         Accum::Add
     };
     // SAFETY: the asserts above keep every access of the three strided
@@ -836,6 +835,47 @@ mod tests {
             for j in 0..n {
                 let want: f32 = bias[j] + (0..k).map(|t| a[i * k + t] * w[j * k + t]).sum::<f32>();
                 assert!((y[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    /// `C ← beta·C + alpha·A·B` for beta 0 (C's old values, even NaN, are
+    /// ignored), 1 and 0.5, with a strided C, and with an empty depth.
+    #[test]
+    fn gemm_applies_beta_with_and_without_depth() {
+        let (m, k, n) = (3, 4, 2);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| 1.0 - i as f32 * 0.5).collect();
+        for depth in [k, 0] {
+            for (beta, start) in [(0.0f32, f32::NAN), (1.0, 3.0), (0.5, 3.0)] {
+                // C is [m, n] with rows 5 apart; the gaps must stay untouched.
+                let mut c = vec![start; m * 5];
+                c.iter_mut().skip(n).step_by(5).for_each(|v| *v = -7.0);
+                gemm(
+                    m,
+                    depth,
+                    n,
+                    2.0,
+                    View::rm(&a, k),
+                    View::rm(&b, n),
+                    beta,
+                    &mut c,
+                    5,
+                    1,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let ab: f32 = (0..depth).map(|t| a[i * k + t] * b[t * n + j]).sum();
+                        let old = if beta == 0.0 { 0.0 } else { beta * start };
+                        let want = old + 2.0 * ab;
+                        let got = c[i * 5 + j];
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "depth {depth} beta {beta}: {got} vs {want}"
+                        );
+                    }
+                    assert_eq!(c[i * 5 + n], -7.0, "a value outside C changed");
+                }
             }
         }
     }
