@@ -773,15 +773,18 @@ impl Model {
             keep.then_some((&mut xhat2[..], &mut rstd2[..])),
         );
         ops::recycle(r2);
-        if !output_adapter || !keep {
-            ops::recycle(std::mem::take(&mut inter));
-        }
         if !keep {
-            for buffer in [x, qkv, probs, ctx, y1] {
+            for buffer in [x, qkv, probs, ctx, y1, inter] {
                 ops::recycle(buffer);
             }
             return (out, None);
         }
+        let gelu_out = if output_adapter {
+            Some(inter)
+        } else {
+            ops::recycle(inter);
+            None
+        };
         let tape = LayerTape {
             x,
             qkv,
@@ -791,7 +794,7 @@ impl Model {
             rstd1,
             y1,
             gelu_d,
-            gelu_out: output_adapter.then_some(inter),
+            gelu_out,
             xhat2,
             rstd2,
             adapters: adapter_tapes,

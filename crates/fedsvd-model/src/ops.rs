@@ -278,10 +278,10 @@ thread_local! {
 const SPARE_VALUES: usize = 8 << 20;
 
 /// A buffer of `len` values for an output that is written in full before
-/// it is read: the smallest buffer handed back with [`recycle`] on this
-/// thread that holds `len` values and at most twice as many (so that a
-/// large buffer is not spent on a small output), with stale values, or a
-/// new zeroed one. In builds with debug assertions (the
+/// it is read. It is the smallest buffer handed back with [`recycle`] on
+/// this thread that holds `len` values and at most twice as many (so that a
+/// large buffer is not spent on a small output), keeping its stale values;
+/// or, if none fits, a new zeroed one. In builds with debug assertions (the
 /// tests) every value is NaN instead, so that a caller that reads before it
 /// writes fails the tests.
 ///
@@ -973,8 +973,9 @@ mod tests {
     }
 
     /// Recycled buffers are reused best-fit on the same thread (never one
-    /// more than twice too large), the pool is bounded, and in test builds every value handed out is NaN, so that a
-    /// read before a write shows.
+    /// more than twice too large), the pool is bounded, and in builds with
+    /// debug assertions every value handed out is NaN, so that a read
+    /// before a write shows.
     #[test]
     fn overwritten_buffers_are_recycled_best_fit_and_poisoned_in_tests() {
         std::thread::spawn(|| {
@@ -986,7 +987,10 @@ mod tests {
             let a = overwritten_buffer(80);
             assert_eq!(a.as_ptr(), small_ptr, "the smallest buffer that fits");
             assert_eq!(a.len(), 80);
-            assert!(a.iter().all(|v| v.is_nan()));
+            let poisoned = |v: &[f32]| v.iter().all(|x| x.is_nan());
+            // Release builds keep the stale values (checked by the bits
+            // of the model tests, which do not change).
+            assert_eq!(poisoned(&a), cfg!(debug_assertions));
             let b = overwritten_buffer(2000);
             assert_ne!(b.as_ptr(), big_ptr, "too small to reuse");
             assert_eq!(b.len(), 2000);
@@ -994,7 +998,7 @@ mod tests {
             assert_ne!(tiny.as_ptr(), big_ptr, "more than twice too large");
             let c = overwritten_buffer(1000);
             assert_eq!(c.as_ptr(), big_ptr);
-            assert!(c.iter().all(|v| v.is_nan()));
+            assert_eq!(poisoned(&c), cfg!(debug_assertions));
             // Beyond the bound, buffers are freed instead of kept.
             recycle(vec![0.0; SPARE_VALUES]);
             recycle(vec![0.0; 10]);
