@@ -2,7 +2,9 @@
 #![warn(missing_docs)]
 // Job: the Rényi-DP and PRV accountants of the Poisson-subsampled Gaussian
 // mechanism, calibration of the noise multiplier to a target (ε, δ), and a
-// serializable per-party ledger of the privacy spent.
+// serializable per-party ledger of the privacy spent, and the exact
+// discrete Gaussian noise that DP-SGD adds (the only IO-free randomness the
+// crate touches: callers pass their CSPRNG in).
 // Boundary: pure computation, no IO, no other fedsvd crate.
 
 mod accountant;
@@ -10,6 +12,7 @@ mod calibrate;
 mod error;
 mod history;
 mod ledger;
+pub mod noise;
 pub mod prv;
 pub mod rdp;
 pub mod special;
@@ -21,5 +24,6 @@ pub use calibrate::{
 pub use error::{Error, Result};
 pub use history::{HistoryEntry, total_steps};
 pub use ledger::PrivacyLedger;
+pub use noise::{GaussianNoise, NOISE_GRID_CELLS, RngSource, UniformSource, discrete_gaussian};
 pub use prv::{ComposedPrv, PrvAccountant, PrvDelta, PrvEpsilon};
 pub use rdp::{RdpAccountant, RdpDelta, RdpEpsilon, default_orders};
