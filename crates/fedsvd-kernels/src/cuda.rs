@@ -86,6 +86,7 @@ pub struct CudaBackend {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: Option<CudaBlas>,
     f: Functions,
+    pub(crate) lf: Box<crate::layers_cuda::LayerFunctions>,
     grad_algo: GradAlgo,
     name: String,
 }
@@ -207,6 +208,9 @@ impl CudaBackend {
             clip_sum_noise: func("clip_noise", "clip_sum_noise")?,
             add_noise: func("clip_noise", "add_noise")?,
         };
+        let lf = Box::new(crate::layers_cuda::LayerFunctions::load(|name| {
+            func("layers", name)
+        })?);
         // SAFETY: only tries to open the shared library.
         let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
             catch_unwind(AssertUnwindSafe(|| CudaBlas::new(stream.clone())))
@@ -222,6 +226,7 @@ impl CudaBackend {
             stream,
             blas,
             f,
+            lf,
             grad_algo: GradAlgo::default(),
             name: format!("cuda:{ordinal} {device} (sm_{major}{minor})"),
         })

@@ -12,6 +12,9 @@ pub mod bench;
 pub mod cpu;
 pub mod cuda;
 mod error;
+pub mod layers;
+pub mod layers_cpu;
+mod layers_cuda;
 pub mod philox;
 pub mod ptx;
 mod types;
@@ -19,6 +22,9 @@ mod types;
 pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, DeviceProbe, GradAlgo, probe};
 pub use error::{Error, Result};
+pub use layers::{
+    AttnShape, BatchStrides, DropoutSpec, Embeddings, GemmSpec, LayerKernels, Precision,
+};
 pub use types::{GradShape, NoiseSpec, OutLayout, clip_factors};
 
 /// An opaque buffer of f32 owned by one backend: host memory for

@@ -49,6 +49,7 @@ pub const KERNELS: &[KernelFile] = &[
     kernel_file!("grads"),
     kernel_file!("norms"),
     kernel_file!("clip_noise"),
+    kernel_file!("layers"),
 ];
 
 /// Lower-case hex SHA-256 of a kernel source.
