@@ -3,9 +3,11 @@
 //! `rand_chacha` as fedsvd-model draws them, GEMMs against f64, and typed
 //! errors.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
-use common::{rng, uniform};
+use common::{gemm_f64, rng, uniform};
 use fedsvd_kernels::layers_cpu as lc;
 use fedsvd_kernels::{
     AttnShape, BatchStrides, CpuBackend, DropoutSpec, Embeddings, Error, GemmSpec, Kernels,
@@ -370,49 +372,6 @@ fn dropout_masks_are_those_of_rand_chacha_bit_for_bit() {
         lc::dropout_mask(&bad, 1, 4, &mut out),
         Err(Error::Parameter { name: "p", .. })
     ));
-}
-
-/// f64 reference of a strided-batched row-major GEMM and the bound
-/// Σ|a||b| of each element (the scale of its rounding error).
-pub fn gemm_f64(
-    spec: &GemmSpec,
-    batch: &BatchStrides,
-    a: &[f32],
-    b: &[f32],
-    c: &[f32],
-) -> (Vec<f64>, Vec<f64>) {
-    let mut out: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
-    let mut bound = vec![0.0f64; c.len()];
-    for p in 0..batch.count {
-        for i in 0..spec.m {
-            for j in 0..spec.n {
-                let (mut s, mut sb) = (0.0f64, 0.0f64);
-                for l in 0..spec.k {
-                    let av = if spec.trans_a {
-                        a[spec.offset_a + p * batch.stride_a + l * spec.lda + i]
-                    } else {
-                        a[spec.offset_a + p * batch.stride_a + i * spec.lda + l]
-                    };
-                    let bv = if spec.trans_b {
-                        b[spec.offset_b + p * batch.stride_b + j * spec.ldb + l]
-                    } else {
-                        b[spec.offset_b + p * batch.stride_b + l * spec.ldb + j]
-                    };
-                    s += f64::from(av) * f64::from(bv);
-                    sb += (f64::from(av) * f64::from(bv)).abs();
-                }
-                let o = spec.offset_c + p * batch.stride_c + i * spec.ldc + j;
-                let old = if spec.beta == 0.0 {
-                    0.0
-                } else {
-                    f64::from(spec.beta) * f64::from(c[o])
-                };
-                out[o] = f64::from(spec.alpha) * s + old;
-                bound[o] = f64::from(spec.alpha.abs()) * sb + old.abs();
-            }
-        }
-    }
-    (out, bound)
 }
 
 #[test]

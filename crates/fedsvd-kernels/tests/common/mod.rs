@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (included with `mod common`).
 #![allow(dead_code)]
 
+use fedsvd_kernels::{BatchStrides, GemmSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -58,4 +59,47 @@ pub fn max_rel(a: &[f32], b: &[f64], scale: &[f64]) -> f64 {
 pub fn rel(a: f32, b: f32) -> f64 {
     let (a, b) = (f64::from(a), f64::from(b));
     (a - b).abs() / b.abs().max(1e-30)
+}
+
+/// f64 reference of a strided-batched row-major GEMM and the bound
+/// Σ|a||b| of each element (the scale of its rounding error).
+pub fn gemm_f64(
+    spec: &GemmSpec,
+    batch: &BatchStrides,
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let mut out: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+    let mut bound = vec![0.0f64; c.len()];
+    for p in 0..batch.count {
+        for i in 0..spec.m {
+            for j in 0..spec.n {
+                let (mut s, mut sb) = (0.0f64, 0.0f64);
+                for l in 0..spec.k {
+                    let av = if spec.trans_a {
+                        a[spec.offset_a + p * batch.stride_a + l * spec.lda + i]
+                    } else {
+                        a[spec.offset_a + p * batch.stride_a + i * spec.lda + l]
+                    };
+                    let bv = if spec.trans_b {
+                        b[spec.offset_b + p * batch.stride_b + j * spec.ldb + l]
+                    } else {
+                        b[spec.offset_b + p * batch.stride_b + l * spec.ldb + j]
+                    };
+                    s += f64::from(av) * f64::from(bv);
+                    sb += (f64::from(av) * f64::from(bv)).abs();
+                }
+                let o = spec.offset_c + p * batch.stride_c + i * spec.ldc + j;
+                let old = if spec.beta == 0.0 {
+                    0.0
+                } else {
+                    f64::from(spec.beta) * f64::from(c[o])
+                };
+                out[o] = f64::from(spec.alpha) * s + old;
+                bound[o] = f64::from(spec.alpha.abs()) * sb + old.abs();
+            }
+        }
+    }
+    (out, bound)
 }
