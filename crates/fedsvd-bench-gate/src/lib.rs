@@ -31,6 +31,9 @@ pub enum Error {
     /// An error of the model.
     #[error(transparent)]
     Model(#[from] fedsvd_model::Error),
+    /// An error of the training path.
+    #[error(transparent)]
+    Training(#[from] fedsvd::Error),
 }
 
 /// The crate's result type.

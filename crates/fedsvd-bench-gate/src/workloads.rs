@@ -5,15 +5,14 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
+use fedsvd::{ClientData, ClientStreams, LocalTraining, Privatization, train_locally};
 use fedsvd_dp::{
     Accountant, AccountantKind, HistoryEntry, PrvAccountant, RdpAccountant, calibrate_noise,
 };
 use fedsvd_kernels::{GradShape, NoiseSpec, OutLayout, cpu, philox};
 use fedsvd_linalg::{RsvdParams, refactorize_many, refactorize_randomized};
 use fedsvd_model::testing::{random_values, random_weights, tiny_config};
-use fedsvd_model::{
-    Batch, BertConfig, BertWeights, DpSgdConfig, HeadConfig, LoraConfig, Model, dp_sgd_step,
-};
+use fedsvd_model::{Batch, BertConfig, BertWeights, HeadConfig, LoraConfig, Model};
 use ndarray::Array2;
 
 use crate::{Job, Result, Workload};
@@ -77,7 +76,7 @@ pub static WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "model_tiny_dp_step",
-        about: "tiny BERT full DP-SGD step, batch 8, seq 16",
+        about: "tiny BERT DP-SGD step of fedsvd::train_locally, batch 8, seq 16",
         prepare: model_tiny_dp_step,
     },
     Workload {
@@ -234,6 +233,8 @@ struct ModelCase {
     state: fedsvd_model::LoraState,
     batch: Batch,
     labels: Vec<usize>,
+    /// The same examples as one client's data set.
+    data: ClientData,
 }
 
 fn model_case(weights: Arc<BertWeights>, n: usize, seq: usize) -> Result<ModelCase> {
@@ -261,12 +262,19 @@ fn model_case(weights: Arc<BertWeights>, n: usize, seq: usize) -> Result<ModelCa
         .collect();
     let types: Vec<Vec<u32>> = ids.iter().map(|v| vec![0; v.len()]).collect();
     let batch = Batch::from_sequences(&ids, &types, 0)?;
-    let labels = (0..n).map(|i| i % 2).collect();
+    let labels: Vec<usize> = (0..n).map(|i| i % 2).collect();
+    let data = ClientData {
+        ids,
+        type_ids: types,
+        labels: labels.clone(),
+        pad_id: 0,
+    };
     Ok(ModelCase {
         model,
         state,
         batch,
         labels,
+        data,
     })
 }
 
@@ -294,22 +302,30 @@ fn gradients(case: ModelCase) -> Result<Job> {
     }))
 }
 
+/// One step of the training path itself (`fedsvd::train_locally`, as `fedsvd
+/// run` executes it) with the whole batch sampled (q = 1).
 fn dp_step(mut case: ModelCase) -> Result<Job> {
-    let config = DpSgdConfig {
-        clip: 2.0,
-        noise_multiplier: 1.0,
+    let n = case.data.len();
+    let training = LocalTraining {
+        steps: 1,
+        expected_batch: n,
+        physical_batch: n,
         lr: 0.5,
+        privatization: Privatization::DpSgd {
+            clip: 2.0,
+            noise_multiplier: 1.0,
+        },
     };
     Ok(Box::new(move || {
-        let stats = dp_sgd_step(
+        let mut streams = ClientStreams::from_seed(1);
+        let report = train_locally(
             &case.model,
             &mut case.state,
-            black_box(&case.batch),
-            &case.labels,
-            &config,
-            1,
+            black_box(&case.data),
+            &training,
+            &mut streams,
         )?;
-        Ok(f64::from(stats.loss))
+        Ok(report.mean_loss)
     }))
 }
 

@@ -1,10 +1,11 @@
-//! `fedsvd bench step`: times one full DP-SGD client step on MiniLM
-//! (forward, backward, per-example clipping, Gaussian noise, SGD update)
+//! `fedsvd bench step`: times one local step of the training path
+//! (`fedsvd::train_locally`, what `fedsvd run` executes: forward, backward,
+//! per-example clipping, the discrete Gaussian release, SGD update) on MiniLM
 //! with r = 8 LoRA on query/value and only B trainable.
 
 use anyhow::Context;
 use clap::Args;
-use fedsvd_model::bench::{StepBenchConfig, run_step_benchmark};
+use fedsvd::bench::{StepBenchConfig, run_step_benchmark};
 use fedsvd_model::{BertWeights, minilm_dir};
 
 /// Arguments of `fedsvd bench step`.
@@ -19,6 +20,10 @@ pub struct StepArgs {
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Time the same step without clipping and noise (the DP overhead is
+    /// the ratio of the two).
+    #[arg(long)]
+    pub non_private: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -30,6 +35,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         batch: args.batch,
         seq: args.seq,
         steps: args.steps,
+        private: !args.non_private,
     };
     let r = run_step_benchmark(weights, config)?;
     if args.json {
@@ -38,14 +44,20 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
             "step_s": r.step_s,
             "batch": args.batch,
             "seq": args.seq,
+            "private": !args.non_private,
             "threads": r.threads,
             "peak_rss_mib": r.peak_rss_mib,
             "steps_s": r.times_s,
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {
+        let what = if args.non_private {
+            "non-private step (no clipping, no noise)"
+        } else {
+            "DP-SGD step (C=2, sigma=1)"
+        };
         println!(
-            "DP-SGD step on MiniLM (LoRA r=8 on query/value, B only, C=2, sigma=1): batch {} x seq {}, {} threads",
+            "{what} on MiniLM (LoRA r=8 on query/value, B only): batch {} x seq {}, {} threads",
             args.batch, args.seq, r.threads
         );
         println!(

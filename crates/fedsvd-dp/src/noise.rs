@@ -92,17 +92,13 @@ fn bernoulli<U: UniformSource + ?Sized>(src: &mut U, n: u128, d: u128) -> bool {
 /// Bernoulli(exp(−n/d)) for `0 ≤ n/d ≤ 1` (CKS Algorithm 1, exact).
 fn bernoulli_exp_unit<U: UniformSource + ?Sized>(src: &mut U, n: u128, d: u128) -> bool {
     let mut k: u128 = 1;
-    loop {
-        // K grows past 2^13 with probability below 1/8192!, so the
-        // saturation never changes an outcome that can occur.
-        let Some(dk) = d.checked_mul(k) else {
-            break;
-        };
-        if bernoulli(src, n, dk) {
-            k += 1;
-        } else {
+    // K grows past 2^13 with probability below 1/8192!, so stopping when
+    // d·K would overflow never changes an outcome that can occur.
+    while let Some(dk) = d.checked_mul(k) {
+        if !bernoulli(src, n, dk) {
             break;
         }
+        k += 1;
     }
     k % 2 == 1
 }

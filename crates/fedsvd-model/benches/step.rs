@@ -1,13 +1,14 @@
-//! Criterion benchmark of one DP-SGD client step on the real MiniLM
-//! (LoRA r = 8 on query/value, B trainable), of its forward + backward
-//! (per-example gradients) alone and of the evaluation forward; the same
-//! three on the tiny random BERT of `fedsvd_model::testing` (small size).
-//! Needs the model assets (`fedsvd assets fetch`).
+//! Criterion benchmark of the model's part of a DP-SGD client step on the
+//! real MiniLM (LoRA r = 8 on query/value, B trainable): forward + backward
+//! with per-example clipping and the clipped sum, forward + backward alone,
+//! and the evaluation forward; the same three on the tiny random BERT of
+//! `fedsvd_model::testing` (small size). The whole step (noise, update) is
+//! `fedsvd bench step`, which times the training path itself. Needs the
+//! model assets (`fedsvd assets fetch`).
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use fedsvd_model::{
-    Batch, BertWeights, DpSgdConfig, HeadConfig, LoraConfig, Model, Target, dp_sgd_step,
-    minilm_dir,
+    Batch, BertWeights, HeadConfig, LoraConfig, Model, Target, minilm_dir,
     testing::{random_weights, tiny_config},
 };
 
@@ -32,24 +33,18 @@ fn batch(n: usize, seq: usize, (cls, sep, first, span): Vocab) -> Batch {
     Batch::from_sequences(&ids, &vec![vec![0; seq]; n], 0).unwrap()
 }
 
-/// DP step, forward + backward, and evaluation forward of `model` on a
+/// Clipped sum, forward + backward, and evaluation forward of `model` on a
 /// batch of `n` sequences of `seq` tokens, as the benchmark group `name`.
 fn bench_model(c: &mut Criterion, name: &str, model: &Model, vocab: Vocab, n: usize, seq: usize) {
-    let mut state = model.init_state(0).unwrap();
+    let state = model.init_state(0).unwrap();
     let b = batch(n, seq, vocab);
     let labels: Vec<usize> = (0..n).map(|i| i % 2).collect();
-    let cfg = DpSgdConfig {
-        clip: 2.0,
-        noise_multiplier: 1.0,
-        lr: 0.5,
-    };
     let mut g = c.benchmark_group(name);
     g.sample_size(10);
-    let mut seed = 0;
-    g.bench_function(format!("dp_sgd_step_b{n}_s{seq}"), |bch| {
+    g.bench_function(format!("clipped_sum_b{n}_s{seq}"), |bch| {
         bch.iter(|| {
-            seed += 1;
-            dp_sgd_step(model, &mut state, &b, &labels, &cfg, seed).unwrap()
+            let grads = model.gradients(&state, &b, &labels, Some(1)).unwrap();
+            grads.clipped_sum(2.0).unwrap()
         })
     });
     g.bench_function(format!("gradients_b{n}_s{seq}"), |bch| {

@@ -1,9 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod bench;
 mod config;
-mod dp;
 mod error;
 mod grad;
 mod lora;
@@ -17,7 +15,6 @@ mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::BertConfig;
-pub use dp::{DpSgdConfig, StepStats, dp_sgd_step};
 pub use error::{Error, Result};
 pub use grad::Gradients;
 pub use lora::{
@@ -59,6 +56,15 @@ pub fn minilm_dir() -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`; `None`
+/// elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// Threads the model's parallel loops use (rayon's current pool).

@@ -166,7 +166,7 @@ fn zero_b_adapters_reproduce_the_base_model_exactly() {
 }
 
 #[test]
-fn a_dp_sgd_step_changes_only_b_and_lowers_the_loss_without_noise() {
+fn clipped_sgd_steps_change_only_b_and_lower_the_loss() {
     let (w, tok) = assets();
     let lora = LoraConfig {
         train_a: false,
@@ -185,13 +185,13 @@ fn a_dp_sgd_step_changes_only_b_and_lowers_the_loss_without_noise() {
     let labels = [1usize, 0, 1, 0];
     let before = model.evaluate(&state, [(&batch, &labels[..])]).unwrap();
     let a_before: Vec<Vec<f32>> = state.adapters.iter().map(|a| a.a.clone()).collect();
-    let cfg = fedsvd_model::DpSgdConfig {
-        clip: 10.0,
-        noise_multiplier: 0.0,
-        lr: 0.5,
-    };
     for step in 0..3 {
-        fedsvd_model::dp_sgd_step(&model, &mut state, &batch, &labels, &cfg, step).unwrap();
+        let grads = model
+            .gradients(&state, &batch, &labels, Some(step))
+            .unwrap();
+        let (mut sum, _) = grads.clipped_sum(10.0).unwrap();
+        sum.iter_mut().for_each(|g| *g /= labels.len() as f32);
+        grads.layout().apply_update(&mut state, &sum, 0.5).unwrap();
     }
     let after = model.evaluate(&state, [(&batch, &labels[..])]).unwrap();
     assert!(

@@ -1,17 +1,20 @@
-//! The DP-SGD step benchmark behind `fedsvd bench step`: one full client step
-//! (forward, backward, per-example clipping, Gaussian noise, SGD update) on a
-//! batch of full-length sequences, with r = 8 LoRA on query/value and only
-//! `B` trainable.
+//! The DP-SGD step benchmark behind `fedsvd bench step`: one local step of
+//! [`train_locally`] — exactly what `fedsvd run` executes: forward,
+//! backward, per-example clipping, the discrete Gaussian release, SGD update
+//! — on a fixed batch of full-length sequences, with r = 8 LoRA on
+//! query/value and only `B` trainable.
+//!
+//! The batch is fixed (every example in every step) as in the peer's
+//! benchmark: the expected batch equals the client's data, so the Poisson
+//! sampling rate is 1.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::dp::{DpSgdConfig, dp_sgd_step};
+use fedsvd_model::{BertWeights, HeadConfig, LoraConfig, Model, Pooling, Target, peak_rss_mib};
+
+use crate::client::{ClientData, ClientStreams, LocalTraining, Privatization, train_locally};
 use crate::error::{Error, Result};
-use crate::lora::{HeadConfig, LoraConfig, Pooling, Target};
-use crate::model::Model;
-use crate::tokenizer::Batch;
-use crate::weights::BertWeights;
 
 /// What to time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,8 @@ pub struct StepBenchConfig {
     pub seq: usize,
     /// Timed steps after one warm-up step.
     pub steps: usize,
+    /// DP-SGD (true) or the same step without clipping and noise (false).
+    pub private: bool,
 }
 
 /// The measurement.
@@ -39,30 +44,30 @@ pub struct StepBenchResult {
     pub peak_rss_mib: Option<f64>,
 }
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`).
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
-/// Times DP-SGD steps (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
-/// 0.05 on query/value, only B trainable, [CLS] pooler head) on `weights`.
+/// Times local steps (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
+/// 0.05 on query/value, only B trainable, frozen [CLS] pooler head) on
+/// `weights`, through [`train_locally`] with a seeded stream.
 pub fn run_step_benchmark(
     weights: Arc<BertWeights>,
     config: StepBenchConfig,
 ) -> Result<StepBenchResult> {
     if config.batch == 0 || config.steps == 0 || config.seq < 2 {
-        return Err(Error::InvalidOption(format!(
-            "benchmark needs batch >= 1, steps >= 1 and seq >= 2, got {config:?}"
-        )));
+        return Err(Error::InvalidConfig {
+            key: "bench step",
+            value: format!(
+                "batch {}, seq {}, steps {}",
+                config.batch, config.seq, config.steps
+            ),
+            allowed: "batch >= 1, seq >= 2 and steps >= 1",
+        });
     }
     let vocab = weights.config.vocab_size as u64;
     if vocab < 2000 {
-        return Err(Error::InvalidOption(
-            "benchmark expects a BERT vocabulary".into(),
-        ));
+        return Err(Error::InvalidConfig {
+            key: "bench step",
+            value: format!("a vocabulary of {vocab} tokens"),
+            allowed: "a BERT vocabulary (at least 2000 tokens)",
+        });
     }
     let lora = LoraConfig {
         rank: 8,
@@ -95,19 +100,34 @@ pub fn run_step_benchmark(
             v
         })
         .collect();
-    let types = vec![vec![0u32; config.seq]; config.batch];
-    let batch = Batch::from_sequences(&ids, &types, 0)?;
-    let labels: Vec<usize> = (0..config.batch).map(|i| i % 2).collect();
-    let dp = DpSgdConfig {
-        clip: 2.0,
-        noise_multiplier: 1.0,
-        lr: 0.5,
+    let data = ClientData {
+        type_ids: vec![vec![0u32; config.seq]; config.batch],
+        ids,
+        labels: (0..config.batch).map(|i| i % 2).collect(),
+        pad_id: 0,
     };
-    dp_sgd_step(&model, &mut state, &batch, &labels, &dp, 0)?;
+    let training = LocalTraining {
+        steps: 1,
+        expected_batch: config.batch,
+        physical_batch: config.batch,
+        lr: 0.5,
+        privatization: if config.private {
+            Privatization::DpSgd {
+                clip: 2.0,
+                noise_multiplier: 1.0,
+            }
+        } else {
+            Privatization::NonPrivate {
+                max_grad_norm: None,
+            }
+        },
+    };
+    let mut streams = ClientStreams::from_seed(0);
+    train_locally(&model, &mut state, &data, &training, &mut streams)?;
     let mut times_s = Vec::with_capacity(config.steps);
-    for step in 0..config.steps {
+    for _ in 0..config.steps {
         let t = Instant::now();
-        dp_sgd_step(&model, &mut state, &batch, &labels, &dp, step as u64 + 1)?;
+        train_locally(&model, &mut state, &data, &training, &mut streams)?;
         times_s.push(t.elapsed().as_secs_f64());
     }
     let mut sorted = times_s.clone();

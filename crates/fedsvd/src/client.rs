@@ -1,9 +1,9 @@
 //! A client's local training: DP-SGD exactly as method.md §5, or plain SGD.
 
+use fedsvd_dp::GaussianNoise;
 use fedsvd_model::{Batch, LoraState, Model};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -51,8 +51,9 @@ pub enum Privatization {
     DpSgd {
         /// Per-example clipping norm C.
         clip: f32,
-        /// Noise multiplier σ.
-        noise_multiplier: f32,
+        /// Noise multiplier σ, exactly as the accountant calibrated it (f64:
+        /// never rounded below what the ledger records).
+        noise_multiplier: f64,
     },
     /// Plain mini-batch SGD on the mean gradient, optionally with its global
     /// norm clipped to `max_grad_norm`.
@@ -197,12 +198,83 @@ pub struct LocalReport {
     pub clipped_fraction: f64,
 }
 
+/// White-box gradient canaries (the privacy audit's): extra members of a
+/// client's data set whose per-example gradient is fixed rather than
+/// computed. Canary `j` has the gradient `norm · e_c` for coordinate `c =
+/// coordinates[j]` of the flat trainable vector. Each is Poisson-sampled
+/// with the same rate as a real example and clipped like one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientCanaries {
+    /// The coordinate each canary's gradient sits on.
+    pub coordinates: Vec<usize>,
+    /// The norm of every canary's gradient before clipping.
+    pub norm: f32,
+}
+
+/// A deliberate break of the mechanism, for tests that must see the audit
+/// catch it. Only builds with the `fault-injection` feature (the crate's
+/// own tests) have it; release builds cannot reach it.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Per-example gradients are summed without clipping.
+    DisableClipping,
+    /// The noise standard deviation is divided by this factor.
+    DivideNoise(f64),
+}
+
+/// What a local round carries besides the data: the audit's gradient
+/// canaries and, in test builds, a deliberate fault. The default is
+/// neither; [`train_locally`] uses it.
+#[derive(Debug, Clone, Default)]
+pub struct Instrumentation<'a> {
+    pub(crate) canaries: Option<&'a GradientCanaries>,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fault: Option<Fault>,
+}
+
+impl<'a> Instrumentation<'a> {
+    /// Trains with `canaries` among the client's examples.
+    pub fn with_canaries(canaries: &'a GradientCanaries) -> Self {
+        Self {
+            canaries: Some(canaries),
+            ..Self::default()
+        }
+    }
+
+    /// Breaks the mechanism as `fault` says (test builds only).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(mut self, fault: Fault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
+    fn clipping_disabled(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::DisableClipping) {
+            return true;
+        }
+        false
+    }
+
+    fn noise_divisor(&self) -> f64 {
+        #[cfg(feature = "fault-injection")]
+        if let Some(Fault::DivideNoise(d)) = self.fault {
+            return d;
+        }
+        1.0
+    }
+}
+
 /// Runs `training.steps` local steps on `state`. Per step: Poisson-sample a
 /// logical batch with q = L / n_k; split it into physical batches; sum the
 /// (clipped, under DP) per-example gradients of all trainable parameters
-/// jointly; under DP add one N(0, σ²C²) draw per coordinate and divide by L
-/// (the expected batch size, not the realized one), otherwise divide by the
-/// realized size; take an SGD step.
+/// jointly; under DP release the sum through [`GaussianNoise`] (the sum on a
+/// grid plus exact discrete Gaussian noise of standard deviation at least
+/// σ·C, drawn from the noise stream) and divide by L (the expected batch
+/// size, not the realized one), otherwise divide by the realized size;
+/// take an SGD step. This is the only DP-SGD step in the workspace: `fedsvd
+/// run`, the benchmarks and the audit all execute it.
 pub fn train_locally(
     model: &Model,
     state: &mut LoraState,
@@ -210,17 +282,75 @@ pub fn train_locally(
     training: &LocalTraining,
     streams: &mut ClientStreams,
 ) -> Result<LocalReport> {
+    train_locally_instrumented(
+        model,
+        state,
+        data,
+        training,
+        streams,
+        &Instrumentation::default(),
+    )
+}
+
+/// [`train_locally`] with gradient canaries (the audit) or, in test builds,
+/// a deliberate fault.
+pub fn train_locally_instrumented(
+    model: &Model,
+    state: &mut LoraState,
+    data: &ClientData,
+    training: &LocalTraining,
+    streams: &mut ClientStreams,
+    extra: &Instrumentation<'_>,
+) -> Result<LocalReport> {
     training.validate()?;
     let layout = model.layout(state);
     let q = training.sample_rate(data.len());
+    let canaries = extra.canaries;
+    if let Some(c) = canaries {
+        if let Some(&bad) = c.coordinates.iter().find(|&&i| i >= layout.len) {
+            return Err(Error::InvalidConfig {
+                key: "audit.canaries",
+                value: format!("coordinate {bad} of {} trainable values", layout.len),
+                allowed: "canary coordinates inside the trainable vector",
+            });
+        }
+        if !(c.norm.is_finite() && c.norm > 0.0) {
+            return Err(Error::InvalidConfig {
+                key: "audit.canary_norm",
+                value: c.norm.to_string(),
+                allowed: "a positive finite gradient norm",
+            });
+        }
+    }
+    let noise = match training.privatization {
+        Privatization::DpSgd {
+            clip,
+            noise_multiplier,
+        } => Some(GaussianNoise::new(
+            f64::from(clip),
+            noise_multiplier / extra.noise_divisor(),
+            layout.len,
+        )?),
+        Privatization::NonPrivate { .. } => None,
+    };
     let mut report = LocalReport::default();
     let mut loss_sum = 0.0f64;
     let mut clipped = 0usize;
     let mut direction = vec![0.0f32; layout.len];
+    let mut released = vec![0.0f64; layout.len];
     for _ in 0..training.steps {
         let chosen: Vec<usize> = (0..data.len())
             .filter(|_| streams.sampling.random::<f64>() < q)
             .collect();
+        let chosen_canaries: Vec<usize> = match canaries {
+            Some(c) => c
+                .coordinates
+                .iter()
+                .copied()
+                .filter(|_| streams.sampling.random::<f64>() < q)
+                .collect(),
+            None => Vec::new(),
+        };
         direction.fill(0.0);
         for chunk in chosen.chunks(training.physical_batch) {
             let (batch, labels) = data.batch(chunk)?;
@@ -228,6 +358,7 @@ pub fn train_locally(
             let grads = model.gradients(state, &batch, &labels, Some(dropout_seed))?;
             loss_sum += grads.losses().iter().map(|&l| f64::from(l)).sum::<f64>();
             let sum = match training.privatization {
+                Privatization::DpSgd { .. } if extra.clipping_disabled() => grads.sum(),
                 Privatization::DpSgd { clip, .. } => {
                     let (sum, norms) = grads.clipped_sum(clip)?;
                     clipped += norms.iter().filter(|&&n| n > clip).count();
@@ -239,25 +370,37 @@ pub fn train_locally(
                 *d += g;
             }
         }
+        if let Some(c) = canaries {
+            let weight = match training.privatization {
+                Privatization::DpSgd { clip, .. } if !extra.clipping_disabled() => {
+                    (clip / (c.norm + 1e-6)).min(1.0)
+                }
+                _ => 1.0,
+            };
+            for &i in &chosen_canaries {
+                direction[i] += c.norm * weight;
+            }
+        }
         report.examples_seen += chosen.len();
         report.steps += 1;
-        match training.privatization {
-            Privatization::DpSgd {
-                clip,
-                noise_multiplier,
-            } => {
-                let std = f64::from(noise_multiplier) * f64::from(clip);
+        match &noise {
+            Some(noise) => {
+                noise.privatize(&direction, &mut streams.noise, &mut released)?;
                 let inv_l = 1.0 / training.expected_batch as f64;
-                for d in direction.iter_mut() {
-                    let z: f64 = StandardNormal.sample(&mut streams.noise);
-                    *d = ((f64::from(*d) + std * z) * inv_l) as f32;
+                for (d, r) in direction.iter_mut().zip(&released) {
+                    *d = (r * inv_l) as f32;
                 }
             }
-            Privatization::NonPrivate { max_grad_norm } => {
-                if chosen.is_empty() {
+            None => {
+                let max_grad_norm = match training.privatization {
+                    Privatization::NonPrivate { max_grad_norm } => max_grad_norm,
+                    Privatization::DpSgd { .. } => None,
+                };
+                let batch = chosen.len() + chosen_canaries.len();
+                if batch == 0 {
                     continue;
                 }
-                let inv_b = 1.0 / chosen.len() as f32;
+                let inv_b = 1.0 / batch as f32;
                 direction.iter_mut().for_each(|d| *d *= inv_b);
                 if let Some(max) = max_grad_norm {
                     let norm = direction

@@ -91,6 +91,18 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A resume whose configuration or data would train one client with
+    /// privacy parameters other than those its ledger records.
+    #[error(
+        "cannot resume: client {client}'s privacy ledger no longer matches the run: {change}; \
+         restore the original configuration and data, or start a new run"
+    )]
+    ResumeMismatch {
+        /// The client.
+        client: usize,
+        /// What changed.
+        change: String,
+    },
     /// A summary was asked of a run that has rounds left.
     #[error("the run in {} has finished {done} of {rounds} rounds", dir.display())]
     Unfinished {

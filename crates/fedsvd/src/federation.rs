@@ -133,11 +133,12 @@ impl FederationConfig {
         self.local_training(0.0).validate()
     }
 
-    fn local_training(&self, noise_multiplier: f64) -> LocalTraining {
+    /// The local training of a client whose calibrated σ is `noise_multiplier`.
+    pub fn local_training(&self, noise_multiplier: f64) -> LocalTraining {
         let privatization = match self.privacy.epsilon {
             Some(_) => Privatization::DpSgd {
                 clip: self.privacy.clip,
-                noise_multiplier: noise_multiplier as f32,
+                noise_multiplier,
             },
             None => Privatization::NonPrivate {
                 max_grad_norm: self.privacy.max_grad_norm,
@@ -367,6 +368,15 @@ impl Federation {
                 allowed: "a checkpoint of a run with the same model, adapters and clients",
             });
         }
+        // The checkpoint's σ, q and budget are what the ledgers account; the
+        // configuration and data of this process decide what training does.
+        // They must agree, or the run would spend one privacy and report
+        // another.
+        for (k, (saved, now)) in checkpoint.privacy.iter().zip(&self.privacy).enumerate() {
+            if let Some(change) = privacy_change(saved, now) {
+                return Err(Error::ResumeMismatch { client: k, change });
+            }
+        }
         if checkpoint.init_seed != self.init_seed {
             self.template = self.model.init_state(checkpoint.init_seed)?;
             self.init_seed = checkpoint.init_seed;
@@ -441,25 +451,49 @@ impl Federation {
             reports.push(report);
         }
 
-        let mut server_seconds = 0.0;
-        let mut refactorized = false;
-        if !updates.is_empty() {
-            let step = self
-                .strategy
-                .apply(&mut self.state, &updates, round, &mut server_rng)?;
-            server_seconds = step.seconds;
-            refactorized = step.refactorized;
-            if self.strategy.merges_into_base() {
-                let started = Instant::now();
-                self.refresh_base()?;
-                server_seconds += started.elapsed().as_secs_f64();
-            }
-        }
+        // Charge before anything is published: the updates exist, so their
+        // privacy is spent whatever the server step does with them.
         for &k in &eligible {
             let p = &mut self.privacy[k];
             if let Some(ledger) = p.ledger.as_mut() {
                 ledger.record(HistoryEntry::new(p.noise_multiplier, p.sample_rate, steps)?);
             }
+        }
+
+        // The server step is all or nothing: it works on a copy, and the
+        // global state (and the merged weights) change only when every part
+        // of it succeeded. A failed round still leaves its charge recorded.
+        let mut server_seconds = 0.0;
+        let mut refactorized = false;
+        if !updates.is_empty() {
+            let mut next = self.state.clone();
+            let step = self
+                .strategy
+                .apply(&mut next, &updates, round, &mut server_rng)?;
+            server_seconds = step.seconds;
+            refactorized = step.refactorized;
+            if let Some(module) = next.modules.iter().find(|m| {
+                m.a.iter()
+                    .chain(m.b.iter())
+                    .chain(m.base_delta.iter().flatten())
+                    .any(|v| !v.is_finite())
+            }) {
+                return Err(Error::NonFinite {
+                    context: format!(
+                        "the server step of round {} left {} non-finite; the round is charged \
+                         to its clients and its result is discarded",
+                        round + 1,
+                        module.name
+                    ),
+                });
+            }
+            if self.strategy.merges_into_base() {
+                let started = Instant::now();
+                let model = self.model_for(&next)?;
+                server_seconds += started.elapsed().as_secs_f64();
+                self.model = model;
+            }
+            self.state = next;
         }
         self.next_round += 1;
 
@@ -526,23 +560,30 @@ impl Federation {
     /// Recomputed from the base (not accumulated in place) so a resumed run
     /// holds exactly the weights of an uninterrupted one.
     fn refresh_base(&mut self) -> Result<()> {
-        let weights = if self.state.base_delta_parameters() == 0 {
+        self.model = self.model_for(&self.state)?;
+        Ok(())
+    }
+
+    /// The model over `W0 + Δ` of `state` (the current one when nothing
+    /// changes), built without touching `self`.
+    fn model_for(&self, state: &GlobalState) -> Result<Model> {
+        let weights = if state.base_delta_parameters() == 0 {
             Arc::clone(&self.base_weights)
         } else {
             Arc::new(weights_with_deltas(
                 &self.base_weights,
                 &self.template,
-                &self.state,
+                state,
             )?)
         };
-        if !Arc::ptr_eq(&weights, self.model.weights()) {
-            self.model = Model::new(
-                weights,
-                self.model.lora_config().clone(),
-                *self.model.head_config(),
-            )?;
+        if Arc::ptr_eq(&weights, self.model.weights()) {
+            return Ok(self.model.clone());
         }
-        Ok(())
+        Ok(Model::new(
+            weights,
+            self.model.lora_config().clone(),
+            *self.model.head_config(),
+        )?)
     }
 
     fn train_client(
@@ -641,6 +682,54 @@ fn calibrate_clients(
             })
         })
         .collect()
+}
+
+/// What differs between a client's privacy parameters in a checkpoint and
+/// those this process calibrated from its configuration and data, if
+/// anything that the ledger accounts for does.
+fn privacy_change(saved: &ClientPrivacy, now: &ClientPrivacy) -> Option<String> {
+    if saved.sample_rate != now.sample_rate {
+        return Some(format!(
+            "its sampling rate q = batch_size / n_k was {} when the ledger started and is {} now \
+             (federation.training.batch_size or the client's data changed)",
+            saved.sample_rate, now.sample_rate
+        ));
+    }
+    match (&saved.ledger, &now.ledger) {
+        (Some(_), None) => {
+            return Some("the run was private and the configuration now trains without DP".into());
+        }
+        (None, Some(_)) => {
+            return Some("the run was non-private and the configuration now asks for DP".into());
+        }
+        (Some(a), Some(b)) => {
+            if a.budget_epsilon() != b.budget_epsilon() || a.delta() != b.delta() {
+                return Some(format!(
+                    "its budget was (epsilon {}, delta {}) and is (epsilon {}, delta {}) now",
+                    a.budget_epsilon(),
+                    a.delta(),
+                    b.budget_epsilon(),
+                    b.delta()
+                ));
+            }
+            if a.accountant() != b.accountant() {
+                return Some(format!(
+                    "its accountant was {:?} and is {:?} now",
+                    a.accountant(),
+                    b.accountant()
+                ));
+            }
+        }
+        (None, None) => {}
+    }
+    if saved.noise_multiplier != now.noise_multiplier {
+        return Some(format!(
+            "its calibrated noise multiplier was {} and is {} now (rounds, local_steps, \
+             budget_rule, clients_per_round or the privacy target changed)",
+            saved.noise_multiplier, now.noise_multiplier
+        ));
+    }
+    None
 }
 
 /// `W0 + Δ` for every module of `state` that carries a merged delta. The

@@ -9,6 +9,8 @@
 #![warn(missing_docs)]
 
 pub mod adapters;
+pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod error;
 pub mod federation;
@@ -18,8 +20,12 @@ pub mod sampling;
 pub mod strategy;
 
 pub use adapters::{ClientUpdate, GlobalState, ModuleAdapter};
+pub use audit::{AuditConfig, AuditReport, CanaryMode, audit_client};
+#[cfg(feature = "fault-injection")]
+pub use client::Fault;
 pub use client::{
-    ClientData, ClientStreams, LocalReport, LocalTraining, Privatization, train_locally,
+    ClientData, ClientStreams, GradientCanaries, Instrumentation, LocalReport, LocalTraining,
+    Privatization, train_locally, train_locally_instrumented,
 };
 pub use error::{Error, Result};
 pub use federation::{

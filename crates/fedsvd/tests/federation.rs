@@ -389,7 +389,7 @@ fn clipping_bounds_each_example_and_noise_has_sd_sigma_c_over_l() {
             local(
                 Privatization::DpSgd {
                     clip: c,
-                    noise_multiplier: sigma,
+                    noise_multiplier: f64::from(sigma),
                 },
                 l,
             ),
@@ -408,4 +408,130 @@ fn clipping_bounds_each_example_and_noise_has_sd_sigma_c_over_l() {
         "sd {sd}, expected {expected}"
     );
     assert!(mean.abs() < 4.0 * expected / n.sqrt(), "mean {mean}");
+}
+
+/// Federations over the same clients as [`federation`] but with the data of
+/// client 1 cut to `client1` examples.
+fn federation_with_client1(config: FederationConfig, client1: usize) -> Federation {
+    let clients = (0..4)
+        .map(|k| synthetic(if k == 1 { client1 } else { 20 + 5 * k }, k as u64 + 1))
+        .collect();
+    Federation::new(
+        config,
+        random_weights(&tiny_config()).unwrap(),
+        lora(),
+        head(),
+        clients,
+        synthetic(30, 99),
+    )
+    .unwrap()
+}
+
+#[test]
+fn resume_refuses_a_configuration_or_data_the_ledger_did_not_account() {
+    let c = config(Method::fedsvd(), Some(4.0), 4);
+    let mut first = federation(c);
+    first.run_round().unwrap();
+    let saved = serde_json::to_string(&first.checkpoint()).unwrap();
+
+    // A larger batch: q = L / n_k grows for every client.
+    let bigger = FederationConfig {
+        training: TrainingConfig {
+            batch_size: 12,
+            ..c.training
+        },
+        ..c
+    };
+    let err = federation(bigger)
+        .restore(serde_json::from_str(&saved).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("client 0") && err.contains("sampling rate"),
+        "{err}"
+    );
+
+    // The user's data changed: client 1 holds fewer examples.
+    let err = federation_with_client1(c, 10)
+        .restore(serde_json::from_str(&saved).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("client 1") && err.contains("sampling rate"),
+        "{err}"
+    );
+
+    // Switched to non-private training, or to another target.
+    let err = federation(config(Method::fedsvd(), None, 4))
+        .restore(serde_json::from_str(&saved).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("without DP"), "{err}");
+    let err = federation(config(Method::fedsvd(), Some(8.0), 4))
+        .restore(serde_json::from_str(&saved).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("budget"), "{err}");
+    // More rounds: σ was calibrated for fewer steps.
+    let err = federation(config(Method::fedsvd(), Some(4.0), 6))
+        .restore(serde_json::from_str(&saved).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("noise multiplier"), "{err}");
+
+    // The unchanged configuration still resumes.
+    federation(c)
+        .restore(serde_json::from_str(&saved).unwrap())
+        .unwrap();
+}
+
+#[test]
+fn a_failed_server_step_leaves_the_round_charged_and_the_state_unpublished() {
+    // A learning rate at the edge of f32 makes the clients' A and B huge but
+    // finite; FedEx-LoRA's base correction Σ p_k B_k A_k − B̄Ā then overflows
+    // and the server step fails. The round's privacy is spent all the same,
+    // and the global state is the one before the round.
+    let mut c = config(Method::Fedex, Some(4.0), 3);
+    c.training.lr = f32::MAX;
+    // One step, so the clients finish (a second step would see non-finite
+    // activations and the client itself would fail, publishing nothing).
+    c.training.local_steps = 1;
+    let mut f = federation(c);
+    let before = f.state().clone();
+    let err = f.run_round();
+    assert!(err.is_err(), "the server accepted non-finite updates");
+    assert_eq!(f.state(), &before, "a failed server step published a state");
+    let charged: Vec<usize> = f
+        .privacy()
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.ledger.as_ref().is_some_and(|l| !l.history().is_empty()))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        charged.len(),
+        c.clients_per_round,
+        "the trained clients' ledgers were not charged: {charged:?}"
+    );
+}
+
+#[test]
+fn the_noise_applied_is_never_below_the_noise_accounted() {
+    let c = config(Method::fedsvd(), Some(4.0), 3);
+    let f = federation(c);
+    for p in f.privacy() {
+        let training = c.local_training(p.noise_multiplier);
+        let Privatization::DpSgd {
+            clip,
+            noise_multiplier,
+        } = training.privatization
+        else {
+            panic!("a private run trains without DP");
+        };
+        // Exactly the calibrated f64 σ, never a rounded one.
+        assert_eq!(noise_multiplier.to_bits(), p.noise_multiplier.to_bits());
+        let noise = fedsvd_dp::GaussianNoise::new(f64::from(clip), noise_multiplier, 512).unwrap();
+        assert!(noise.applied_std() >= noise_multiplier * noise.sensitivity() * (1.0 - 1e-15));
+        assert!(noise.sensitivity() >= f64::from(clip));
+    }
 }
