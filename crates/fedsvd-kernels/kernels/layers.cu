@@ -31,7 +31,9 @@ __device__ __forceinline__ float warp_max(float v)
 // LayerNorm. One warp per row; a lane touches the same columns in every pass,
 // so rows written in one pass are read back by the same thread.
 
-__device__ __forceinline__ void layer_norm_row(float* __restrict__ y, const float* xr, int h,
+// y may be xr (the embedding kernel normalises in place), so neither is
+// __restrict__.
+__device__ __forceinline__ void layer_norm_row(float* y, const float* xr, int h,
                                                const float* __restrict__ gamma,
                                                const float* __restrict__ beta, float eps,
                                                float* mean_out, float* rstd_out, int lane)
@@ -82,7 +84,6 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) embed_layer_norm(
     const float* pe = pos + (long long)(row % seq) * h;
     float* o = out + (long long)row * h;
     for (int j = lane; j < h; j += WARP) o[j] = (we[j] + te[j]) + pe[j];
-    __syncwarp();
     layer_norm_row(o, o, h, gamma, beta, eps, mean + row, rstd + row, lane);
 }
 

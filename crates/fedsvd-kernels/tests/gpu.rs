@@ -534,9 +534,9 @@ fn gpu_bias_gelu_matches_cpu() {
     be.bias_gelu_backward(&dyd, &xd, &bd, rows, cols, &mut dxd)
         .unwrap();
     check_abs("gelu y", &be.download(&yd).unwrap(), &y, |i| {
-        2e-6 * f64::from(y[i].abs()).max(1.0)
+        5e-6 * f64::from(y[i].abs()).max(1.0)
     });
-    check_abs("gelu dx", &be.download(&dxd).unwrap(), &dx, |_| 2e-6);
+    check_abs("gelu dx", &be.download(&dxd).unwrap(), &dx, |_| 5e-6);
 }
 
 fn key_mask() -> Vec<f32> {
@@ -661,13 +661,13 @@ fn gpu_cross_entropy_matches_cpu() {
         let mut dd = poisoned(&be, b * k);
         be.cross_entropy(&zd, &labels, k, &mut ld, &mut dd).unwrap();
         check_abs("cross-entropy loss", &be.download(&ld).unwrap(), &l, |i| {
-            2e-6 * f64::from(l[i].abs()).max(1.0)
+            1e-5 * f64::from(l[i].abs()).max(1.0)
         });
         check_abs(
             "cross-entropy dlogits",
             &be.download(&dd).unwrap(),
             &d,
-            |_| 2e-6,
+            |_| 1e-5,
         );
         let mut bad = labels.clone();
         bad[0] = k as u32;
