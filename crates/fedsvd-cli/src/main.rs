@@ -9,7 +9,7 @@ mod bench;
 mod bench_step;
 mod bench_svd;
 mod compare;
-mod config;
+use fedsvd_cli::config;
 mod data;
 mod embed;
 mod export;
