@@ -112,6 +112,7 @@ pub fn drive(runner: &mut Runner, quiet: bool) -> anyhow::Result<RunSummary> {
     let rounds = runner.config().federation.rounds as u64;
     let done = runner.history().len() as u64;
     let privacy = runner.config().federation.privacy;
+    let report = privacy.report_unprotected;
     if !quiet {
         let sigmas: Vec<String> = runner
             .federation()
@@ -121,10 +122,14 @@ pub fn drive(runner: &mut Runner, quiet: bool) -> anyhow::Result<RunSummary> {
             .collect();
         match privacy.epsilon {
             Some(eps) => eprintln!(
-                "DP-SGD: ε = {eps}, δ = {}, C = {}, per-client σ = [{}] ({} accountant, {} budget rule){}",
+                "DP-SGD: ε = {eps}, δ = {}, C = {}, per-client σ = {} ({} accountant, {} budget rule){}",
                 privacy.delta,
                 privacy.clip,
-                sigmas.join(", "),
+                if report {
+                    format!("[{}]", sigmas.join(", "))
+                } else {
+                    "withheld (report_unprotected = false)".to_string()
+                },
                 accountant_name(privacy.accountant),
                 budget_rule_name(privacy.budget_rule),
                 if runner.federation().uses_os_entropy() {
@@ -171,12 +176,14 @@ pub fn drive(runner: &mut Runner, quiet: bool) -> anyhow::Result<RunSummary> {
                 let per_round =
                     started.elapsed().as_secs_f64() / (m.round as u64 - done).max(1) as f64;
                 let eta = per_round * (rounds - m.round as u64) as f64;
-                eprintln!(
-                    "round {:>3}/{rounds}  {line}  {:.1}s  ETA {}",
-                    m.round,
-                    m.round_seconds,
-                    format_seconds(eta)
-                );
+                match m.round_seconds {
+                    Some(seconds) => eprintln!(
+                        "round {:>3}/{rounds}  {line}  {seconds:.1}s  ETA {}",
+                        m.round,
+                        format_seconds(eta)
+                    ),
+                    None => eprintln!("round {:>3}/{rounds}  {line}", m.round),
+                }
             }
             None => {}
         }
@@ -209,9 +216,13 @@ fn print_summary(runner: &Runner, s: &RunSummary, export: Option<&Path>) {
         (Some(spent), Some(target)) => format!("ε spent {spent:.3} of {target} (δ = {})", s.delta),
         _ => "non-private".to_string(),
     };
+    let wall = s
+        .wall_seconds
+        .map(|w| format!("; {w:.0}s"))
+        .unwrap_or_default();
     println!(
-        "{}: accuracy {:.4} (majority class {:.4}) after {} rounds; {eps}; {:.0}s",
-        s.method, s.final_accuracy, s.majority_accuracy, s.completed_rounds, s.wall_seconds
+        "{}: accuracy {:.4} (majority class {:.4}) after {} rounds; {eps}{wall}",
+        s.method, s.final_accuracy, s.majority_accuracy, s.completed_rounds
     );
     println!("run folder: {}", runner.dir().display());
     if let Some(dir) = export {
@@ -245,7 +256,7 @@ fn format_seconds(s: f64) -> String {
 }
 
 /// `runs/<preset>-<method>-<YYYYMMDD-HHMMSS>` (UTC).
-fn default_run_dir(preset: &str, method: &str) -> PathBuf {
+pub fn default_run_dir(preset: &str, method: &str) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -265,6 +265,61 @@ pub fn audit_client(
     })
 }
 
+/// Audits client `client` of the run `config` describes: loads the model and
+/// data as `fedsvd run` would, calibrates the client's σ for its q and the
+/// ledger's step count (R·τ under the conservative rule), and runs
+/// [`audit_client`] from the run's initial adapters for all those steps.
+/// Seeded runs give identical audits; unseeded ones draw the training
+/// noise from the operating system as a real run does.
+pub fn audit_run(
+    config: &crate::RunConfig,
+    assets_dir: &std::path::Path,
+    client: usize,
+    audit: &AuditConfig,
+) -> Result<AuditReport> {
+    config.validate()?;
+    let data = crate::run::prepare_data(config, assets_dir)?;
+    let Some(client_data) = data.clients.get(client) else {
+        return Err(Error::InvalidConfig {
+            key: "audit.client",
+            value: client.to_string(),
+            allowed: "the index of one of the run's clients",
+        });
+    };
+    let weights = crate::run::load_weights(config, assets_dir)?;
+    let lora = config.adapters.lora()?;
+    let head = config.adapters.head(data.label_names.len());
+    let federation = crate::Federation::new(
+        config.federation,
+        weights,
+        lora,
+        head,
+        data.clients.clone(),
+        data.test.clone(),
+    )?;
+    let privacy = &federation.privacy()[client];
+    let steps = config.federation.calibrated_steps(data.clients.len());
+    let training = LocalTraining {
+        steps: steps as usize,
+        ..config.federation.local_training(privacy.noise_multiplier)
+    };
+    let mut streams = match config.federation.seed {
+        Some(seed) => ClientStreams::from_seed(seed ^ 0xA0D1_7000),
+        None => ClientStreams::from_os(),
+    };
+    audit_client(
+        federation.model(),
+        &federation.global_lora()?,
+        client_data,
+        &training,
+        &Accountant::new(config.federation.privacy.accountant),
+        config.federation.privacy.delta,
+        audit,
+        &mut streams,
+        Instrumentation::default(),
+    )
+}
+
 /// `count` random token sequences of `len` tokens ([CLS] … [SEP] with the
 /// first and second ids of `data`'s examples when present) and labels.
 fn random_examples(

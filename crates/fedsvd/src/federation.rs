@@ -50,6 +50,18 @@ pub struct PrivacyConfig {
     pub budget_rule: BudgetRule,
     /// Global gradient-norm clipping without DP (`None`: none).
     pub max_grad_norm: Option<f32>,
+    /// Whether the run reports the statistics DP does not cover (the
+    /// unnoised training loss, round timings, per-client example and label
+    /// counts, per-client σ and ε, a majority baseline from training
+    /// labels; `docs/privacy.md` lists them). `true` for research runs;
+    /// `false` withholds every one of them from `metrics.jsonl`,
+    /// `summary.json`, `data.json` and the console.
+    #[serde(default = "report_unprotected_default")]
+    pub report_unprotected: bool,
+}
+
+fn report_unprotected_default() -> bool {
+    true
 }
 
 /// Local training hyper-parameters shared by every client.
@@ -191,7 +203,8 @@ pub struct RoundMetrics {
     /// Sampled clients that sat the round out because one more round would
     /// exceed their privacy budget.
     pub budget_exhausted_clients: Vec<usize>,
-    /// Mean training loss over the examples the clients processed.
+    /// Mean training loss over the examples the clients processed (not
+    /// covered by DP: `None` unless `report_unprotected`).
     pub train_loss: Option<f64>,
     /// Held-out accuracy, when evaluated this round.
     pub eval_accuracy: Option<f64>,
@@ -199,7 +212,9 @@ pub struct RoundMetrics {
     pub eval_loss: Option<f64>,
     /// The largest ε any client has spent so far (`None` without DP).
     pub max_epsilon: Option<f64>,
-    /// ε spent so far by every client (`None` entries without DP).
+    /// ε spent so far by every client (`None` entries without DP; empty
+    /// unless `report_unprotected`, since it follows from n_k).
+    #[serde(default)]
     pub client_epsilon: Vec<Option<f64>>,
     /// Bytes all clients uploaded this round (f32 parameters).
     pub bytes_uploaded: usize,
@@ -208,8 +223,10 @@ pub struct RoundMetrics {
     pub refactorized: bool,
     /// Wall time of the server's refactorization or merge, seconds.
     pub server_seconds: f64,
-    /// Wall time of the whole round, seconds.
-    pub round_seconds: f64,
+    /// Wall time of the whole round, seconds (it reveals realized batch
+    /// sizes: `None` unless `report_unprotected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_seconds: Option<f64>,
 }
 
 /// A federation in progress: the frozen model, the clients' data, the global
@@ -498,7 +515,8 @@ impl Federation {
         self.next_round += 1;
 
         let seen: usize = reports.iter().map(|r| r.examples_seen).sum();
-        let train_loss = (seen > 0).then(|| {
+        let report = self.config.privacy.report_unprotected;
+        let train_loss = (report && seen > 0).then(|| {
             reports
                 .iter()
                 .map(|r| r.mean_loss * r.examples_seen as f64)
@@ -536,11 +554,11 @@ impl Federation {
             eval_accuracy: eval.map(|e| e.accuracy),
             eval_loss: eval.map(|e| e.loss),
             max_epsilon,
-            client_epsilon,
+            client_epsilon: if report { client_epsilon } else { Vec::new() },
             bytes_uploaded: updates.len() * self.strategy.upload_parameters(&self.state) * 4,
             refactorized,
             server_seconds,
-            round_seconds: started.elapsed().as_secs_f64(),
+            round_seconds: report.then(|| started.elapsed().as_secs_f64()),
         })
     }
 

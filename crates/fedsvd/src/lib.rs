@@ -20,7 +20,7 @@ pub mod sampling;
 pub mod strategy;
 
 pub use adapters::{ClientUpdate, GlobalState, ModuleAdapter};
-pub use audit::{AuditConfig, AuditReport, CanaryMode, audit_client};
+pub use audit::{AuditConfig, AuditReport, CanaryMode, audit_client, audit_run};
 #[cfg(feature = "fault-injection")]
 pub use client::Fault;
 pub use client::{

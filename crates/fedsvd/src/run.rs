@@ -273,8 +273,12 @@ pub struct PreparedData {
     /// Examples per label per client (the run folder's `partition.json`).
     pub partition: PartitionReport,
     /// Held-out accuracy of always predicting the training split's most
-    /// common label (the bar a run must clear).
+    /// common label (the bar a run must clear; computed from private
+    /// training labels).
     pub majority_accuracy: f64,
+    /// The same bar from the held-out split's own most common label: what
+    /// a run reports when it withholds statistics of the training data.
+    pub test_majority_accuracy: f64,
     /// Rows dropped or skipped while loading, with reasons.
     pub load_report: fedsvd_data::LoadReport,
 }
@@ -380,17 +384,22 @@ pub fn prepare_data(config: &RunConfig, assets_dir: &Path) -> Result<PreparedDat
     let majority = (0..train_counts.len())
         .max_by_key(|&c| (train_counts[c], std::cmp::Reverse(c)))
         .unwrap_or(0);
-    let majority_accuracy = if test.is_empty() {
-        0.0
-    } else {
-        test.labels.iter().filter(|&&l| l == majority).count() as f64 / test.len() as f64
+    let share = |label: usize| {
+        if test.is_empty() {
+            0.0
+        } else {
+            test.labels.iter().filter(|&&l| l == label).count() as f64 / test.len() as f64
+        }
     };
+    let majority_accuracy = share(majority);
+    let test_majority_accuracy = (0..dataset.num_labels()).map(share).fold(0.0f64, f64::max);
     Ok(PreparedData {
         clients,
         test,
         label_names: dataset.label_names.clone(),
         partition: report,
         majority_accuracy,
+        test_majority_accuracy,
         load_report: dataset.report,
     })
 }

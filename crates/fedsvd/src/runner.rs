@@ -52,10 +52,15 @@ pub struct RunSummary {
     pub delta: f64,
     /// The run seed (`null`: operating-system entropy).
     pub seed: Option<u64>,
-    /// Whether the noise came from operating-system entropy. A seeded run is
-    /// reproducible but its noise is predictable from the seed, so it is not
-    /// fit for releasing a model under the stated guarantee.
+    /// Whether the model may be released under the stated guarantee: the
+    /// run is private and its noise came from operating-system entropy. A
+    /// seeded run is reproducible but its noise is predictable from the
+    /// seed; a non-private run has no guarantee at all.
     pub release_ready: bool,
+    /// Whether the statistics DP does not cover were reported
+    /// (`federation.privacy.report_unprotected`).
+    #[serde(default = "yes")]
+    pub unprotected_reported: bool,
     /// Which step count σ was calibrated for (`conservative` or `expected`).
     pub budget_rule: String,
     /// Configured rounds.
@@ -66,11 +71,15 @@ pub struct RunSummary {
     pub final_accuracy: f64,
     /// Held-out mean loss after the last round.
     pub final_loss: f64,
-    /// Held-out accuracy of always predicting the majority training label.
+    /// Held-out accuracy of always predicting the majority training label
+    /// (the held-out split's own majority when unprotected statistics are
+    /// withheld).
     pub majority_accuracy: f64,
     /// The largest ε any client spent (`null`: non-private).
     pub max_epsilon_spent: Option<f64>,
-    /// Every client's calibrated noise multiplier σ_k.
+    /// Every client's calibrated noise multiplier σ_k (empty when
+    /// unprotected statistics are withheld: σ_k follows from n_k).
+    #[serde(default)]
     pub noise_multipliers: Vec<f64>,
     /// Rounds in which some sampled client sat out for lack of budget.
     pub rounds_with_exhausted_clients: usize,
@@ -78,19 +87,29 @@ pub struct RunSummary {
     pub mean_bytes_uploaded_per_round: f64,
     /// Mean server refactorization / merge time per round, seconds.
     pub mean_server_seconds: f64,
-    /// Sum of the rounds' wall times, seconds.
-    pub wall_seconds: f64,
+    /// Sum of the rounds' wall times, seconds (`null` when unprotected
+    /// statistics are withheld).
+    pub wall_seconds: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `data.json`: what the run learned about its data while preparing it.
+/// Fields that describe the private training data are absent when the run
+/// withholds unprotected statistics.
 #[derive(Debug, Clone, Serialize)]
 struct DataRecord<'a> {
     label_names: &'a [String],
-    partition: &'a fedsvd_data::PartitionReport,
-    client_examples: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<&'a fedsvd_data::PartitionReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_examples: Option<Vec<usize>>,
     test_examples: usize,
     majority_accuracy: f64,
-    load_report: &'a fedsvd_data::LoadReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_report: Option<&'a fedsvd_data::LoadReport>,
 }
 
 /// A run bound to its folder: every round is recorded and checkpointed.
@@ -118,23 +137,24 @@ impl Runner {
         let (federation, data) = build(&config, assets_dir)?;
         fs::create_dir_all(dir).map_err(|e| Error::io("creating the run folder", dir, e))?;
         write_json_atomic(&dir.join(files::CONFIG), &config)?;
+        let report = config.federation.privacy.report_unprotected;
         let record = DataRecord {
             label_names: &data.label_names,
-            partition: &data.partition,
-            client_examples: data.clients.iter().map(ClientData::len).collect(),
+            partition: report.then_some(&data.partition),
+            client_examples: report.then(|| data.clients.iter().map(ClientData::len).collect()),
             test_examples: data.test.len(),
-            majority_accuracy: data.majority_accuracy,
-            load_report: &data.load_report,
+            majority_accuracy: majority(&config, &data),
+            load_report: report.then_some(&data.load_report),
         };
         write_json_atomic(&dir.join(files::DATA), &record)?;
         let metrics = dir.join(files::METRICS);
         File::create(&metrics).map_err(|e| Error::io("creating", &metrics, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            majority_accuracy: majority(&config, &data),
             config,
             federation,
             label_names: data.label_names,
-            majority_accuracy: data.majority_accuracy,
             history: Vec::new(),
         })
     }
@@ -177,10 +197,10 @@ impl Runner {
         rewrite_metrics(&metrics_path, &history)?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            majority_accuracy: majority(&config, &data),
             config,
             federation,
             label_names: data.label_names,
-            majority_accuracy: data.majority_accuracy,
             history,
         })
     }
@@ -205,7 +225,9 @@ impl Runner {
         &self.label_names
     }
 
-    /// Held-out accuracy of always predicting the majority training label.
+    /// Held-out accuracy of always predicting the majority label (of the
+    /// training split, or of the held-out split when unprotected
+    /// statistics are withheld).
     pub fn majority_accuracy(&self) -> f64 {
         self.majority_accuracy
     }
@@ -267,7 +289,8 @@ impl Runner {
             epsilon: fed.privacy.epsilon,
             delta: fed.privacy.delta,
             seed: fed.seed,
-            release_ready: fed.seed.is_none(),
+            release_ready: fed.seed.is_none() && fed.privacy.epsilon.is_some(),
+            unprotected_reported: fed.privacy.report_unprotected,
             budget_rule: match fed.privacy.budget_rule {
                 crate::BudgetRule::Conservative => "conservative".into(),
                 crate::BudgetRule::Expected => "expected".into(),
@@ -278,12 +301,15 @@ impl Runner {
             final_loss: last.eval_loss.unwrap_or(f64::NAN),
             majority_accuracy: self.majority_accuracy,
             max_epsilon_spent: last.max_epsilon,
-            noise_multipliers: self
-                .federation
-                .privacy()
-                .iter()
-                .map(|p| p.noise_multiplier)
-                .collect(),
+            noise_multipliers: if fed.privacy.report_unprotected {
+                self.federation
+                    .privacy()
+                    .iter()
+                    .map(|p| p.noise_multiplier)
+                    .collect()
+            } else {
+                Vec::new()
+            },
             rounds_with_exhausted_clients: self
                 .history
                 .iter()
@@ -297,10 +323,23 @@ impl Runner {
                 / rounds,
             mean_server_seconds: self.history.iter().map(|m| m.server_seconds).sum::<f64>()
                 / rounds,
-            wall_seconds: self.history.iter().map(|m| m.round_seconds).sum(),
+            wall_seconds: fed
+                .privacy
+                .report_unprotected
+                .then(|| self.history.iter().filter_map(|m| m.round_seconds).sum()),
         };
         write_json_atomic(&self.dir.join(files::SUMMARY), &summary)?;
         Ok(summary)
+    }
+}
+
+/// The majority-class bar a run reports: from the training labels when it
+/// reports unprotected statistics, else from the held-out split alone.
+fn majority(config: &RunConfig, data: &PreparedData) -> f64 {
+    if config.federation.privacy.report_unprotected {
+        data.majority_accuracy
+    } else {
+        data.test_majority_accuracy
     }
 }
 

@@ -59,6 +59,7 @@ fn config(method: Method, epsilon: Option<f64>, rounds: usize) -> FederationConf
             clip: 1.0,
             accountant: AccountantKind::Rdp,
             budget_rule: BudgetRule::Conservative,
+            report_unprotected: true,
             max_grad_norm: None,
         },
         seed: Some(42),
@@ -99,7 +100,7 @@ fn federation(config: FederationConfig) -> Federation {
 fn comparable(metrics: &fedsvd::RoundMetrics) -> String {
     let mut m = metrics.clone();
     m.server_seconds = 0.0;
-    m.round_seconds = 0.0;
+    m.round_seconds = None;
     serde_json::to_string(&m).unwrap()
 }
 

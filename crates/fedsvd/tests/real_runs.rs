@@ -59,6 +59,7 @@ fn config(method: Method) -> RunConfig {
                 clip: 2.0,
                 accountant: AccountantKind::Prv,
                 budget_rule: BudgetRule::Conservative,
+                report_unprotected: true,
                 max_grad_norm: None,
             },
             seed: Some(7),

@@ -58,6 +58,7 @@ fn small_config(method: Method) -> RunConfig {
                 clip: 2.0,
                 accountant: AccountantKind::Rdp,
                 budget_rule: BudgetRule::Conservative,
+                report_unprotected: true,
                 max_grad_norm: None,
             },
             seed: Some(11),
@@ -200,4 +201,91 @@ fn run_folders_refuse_reuse_and_report_corruption() {
     let err = Runner::create(bad, &fresh, &assets()).unwrap_err();
     assert!(err.to_string().contains("clients_per_round"), "{err}");
     assert!(!fresh.exists());
+}
+
+/// Every key of every JSON object in `value`, dotted.
+fn keys(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    if let serde_json::Value::Object(map) = value {
+        for (k, v) in map {
+            let key = format!("{prefix}{k}");
+            keys(v, &format!("{key}."), out);
+            out.push(key);
+        }
+    }
+}
+
+#[test]
+fn withheld_statistics_appear_in_no_output_and_only_private_unseeded_runs_are_release_ready() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = small_config(Method::Ffa);
+    config.federation.rounds = 2;
+    config.federation.privacy.report_unprotected = false;
+    let dir = root.path().join("withheld");
+    let summary = Runner::create(config.clone(), &dir, &assets())
+        .unwrap()
+        .run_to_end(|_| {})
+        .unwrap();
+    // Seeded: reproducible, so not fit for release.
+    assert!(!summary.release_ready);
+    assert!(!summary.unprotected_reported);
+
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let mut found = Vec::new();
+    keys(&read(files::DATA), "data.", &mut found);
+    keys(&read(files::SUMMARY), "summary.", &mut found);
+    for line in fs::read_to_string(dir.join(files::METRICS))
+        .unwrap()
+        .lines()
+    {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        keys(&m, "metrics.", &mut found);
+        assert!(m["train_loss"].is_null(), "{m}");
+        assert!(m["client_epsilon"].as_array().unwrap().is_empty(), "{m}");
+    }
+    for unprotected in [
+        "data.partition",
+        "data.client_examples",
+        "data.load_report",
+        "metrics.round_seconds",
+    ] {
+        assert!(
+            !found.iter().any(|k| k == unprotected),
+            "{unprotected} was written"
+        );
+    }
+    let summary_json = read(files::SUMMARY);
+    assert!(summary_json["wall_seconds"].is_null());
+    assert!(
+        summary_json["noise_multipliers"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // The majority bar comes from the held-out split itself.
+    let share = summary_json["majority_accuracy"].as_f64().unwrap();
+    assert!((0.5..=1.0).contains(&share), "{share}");
+
+    // The same run reporting everything writes those fields.
+    let mut open = config.clone();
+    open.federation.privacy.report_unprotected = true;
+    let dir2 = root.path().join("reported");
+    Runner::create(open, &dir2, &assets())
+        .unwrap()
+        .run_to_end(|_| {})
+        .unwrap();
+    let data: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir2.join(files::DATA)).unwrap()).unwrap();
+    assert!(data["client_examples"].is_array());
+
+    // Non-private runs are never release ready, even unseeded.
+    let mut plain = config;
+    plain.federation.privacy.epsilon = None;
+    plain.federation.seed = None;
+    let summary = Runner::create(plain, &root.path().join("plain"), &assets())
+        .unwrap()
+        .run_to_end(|_| {})
+        .unwrap();
+    assert!(!summary.release_ready);
 }
