@@ -5,6 +5,7 @@
 //! the library crates and prints; no algorithm lives here.
 
 mod assets;
+mod audit;
 mod bench;
 mod bench_step;
 mod bench_svd;
@@ -66,6 +67,9 @@ enum Command {
     /// Run a grid of methods × ε × seeds (resumable), then write results.md,
     /// results.csv and accuracy plots.
     Compare(compare::CompareArgs),
+    /// Audit a client's DP guarantee empirically: canaries in one training
+    /// run give a lower bound on epsilon, printed next to the accountant's.
+    Audit(audit::AuditArgs),
     /// Fetch and inspect the model and data assets.
     #[command(subcommand)]
     Assets(assets::AssetsCommand),
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Audit(args) => audit::run(args),
         Command::Assets(command) => assets::run(command),
         Command::Data(command) => data::run(command),
         Command::Privacy(command) => privacy::run(command),
