@@ -43,7 +43,7 @@ pub fn calibrate_noise(
     tolerance: f64,
 ) -> Result<Calibration> {
     if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
-        return Err(Error::InvalidEpsilon(target_epsilon));
+        return Err(Error::InvalidTargetEpsilon(target_epsilon));
     }
     if !(tolerance.is_finite() && tolerance > 0.0) {
         return Err(Error::InvalidParameter {
@@ -237,8 +237,10 @@ mod tests {
         let rdp = Accountant::new(AccountantKind::Rdp);
         assert!(matches!(
             calibrate_noise(&rdp, f64::NAN, 0.01, 100, 1e-5, 0.01),
-            Err(Error::InvalidEpsilon(_))
+            Err(Error::InvalidTargetEpsilon(_))
         ));
+        let zero = calibrate_noise(&rdp, 0.0, 0.01, 100, 1e-5, 0.01).unwrap_err();
+        assert!(zero.to_string().contains("> 0"), "{zero}");
         assert!(matches!(
             calibrate_noise(&rdp, 1.0, 0.01, 100, 1e-5, 0.0),
             Err(Error::InvalidParameter { .. })

@@ -16,6 +16,10 @@ pub enum Error {
     /// An ε that is negative or not finite.
     #[error("epsilon = {0} is invalid: it must be finite and >= 0")]
     InvalidEpsilon(f64),
+    /// A target ε for calibration that is not a finite positive number
+    /// (no noise reaches ε = 0).
+    #[error("target epsilon = {0} is invalid: it must be finite and > 0")]
+    InvalidTargetEpsilon(f64),
     /// A history entry with zero steps.
     #[error("a history entry has 0 steps; every entry must have at least one step")]
     ZeroSteps,
