@@ -2,8 +2,11 @@
 # Runs the fedsvd-kernels GPU bundle (built by `cargo xtask gpu-bundle`) on a
 # machine with CUDA and no Rust toolchain: every test binary with
 # FEDSVD_REQUIRE_GPU=1 (so a missing device fails instead of skipping), then
-# the benchmark. Output also goes to results.txt beside this script, or to
-# $OUT/results.txt when OUT is set.
+# the benchmark (arguments of this script go to it, e.g. --quick), then, when
+# the bundle carries it, the peer's PyTorch/Opacus step for at most 120 s
+# (its failure, e.g. without Opacus, does not change the exit status). Output
+# also goes to results.txt beside this script, or to $OUT/results.txt when OUT
+# is set.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
@@ -28,5 +31,13 @@ done
 echo "==> benchmark" | tee -a "$results"
 ./bin/fedsvd-kernels-bench "$@" 2>&1 | tee -a "$results"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ -f bench/opacus_gpu_step.py ]; then
+    echo "==> peer: bench/opacus_gpu_step.py (timeout 120 s)" | tee -a "$results"
+    # Opacus is not in the machine's image: a `pip install --target pydeps`
+    # of its wheel placed beside this script is picked up.
+    if [ -d pydeps ]; then export PYTHONPATH="$here/pydeps:${PYTHONPATH:-}"; fi
+    timeout 120 python3 bench/opacus_gpu_step.py 2>&1 | tee -a "$results"
+    echo "peer exit status ${PIPESTATUS[0]}" | tee -a "$results"
+fi
 echo "== exit status $status" | tee -a "$results"
 exit "$status"

@@ -1,7 +1,9 @@
 //! `cargo xtask gpu-bundle`: everything the GPU machine (CUDA, no Rust
 //! toolchain) needs to test and benchmark `fedsvd-kernels`, in the ignored
-//! folder `gpu-bundle/`: the release test binaries, the benchmark binary and
-//! `run.sh` (from `gpu/run.sh`). The bundle must stay under 64 MiB.
+//! folder `gpu-bundle/`: the release test binaries, the benchmark binary,
+//! `run.sh` (from `gpu/run.sh`) and, when the checkout has `shared/` beside
+//! it, the peer's PyTorch/Opacus step `bench/opacus_gpu_step.py`. The bundle
+//! must stay under 64 MiB.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -105,12 +107,26 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
     let run_dst = out.join("run.sh");
     std::fs::copy(&run, &run_dst).with_context(|| format!("cannot copy {}", run.display()))?;
     set_executable(&run_dst)?;
+    // The peer's figures come from the same machine in the same run; the
+    // script is optional (run.sh skips it when absent).
+    let peer = root.join("../shared/bench/opacus_gpu_step.py");
+    if peer.is_file() {
+        std::fs::create_dir_all(out.join("bench"))?;
+        let dst = out.join("bench/opacus_gpu_step.py");
+        std::fs::copy(&peer, &dst).with_context(|| format!("cannot copy {}", peer.display()))?;
+        files.push(dst);
+    } else {
+        println!(
+            "note: {} not found; the bundle carries no peer benchmark",
+            peer.display()
+        );
+    }
 
     let mut total = dir_size(&out)?;
     if total > LIMIT {
         // Line tables make backtraces readable; drop them only when needed.
         println!("bundle is {total} bytes, stripping debug info");
-        for f in &files {
+        for f in files.iter().filter(|f| f.extension().is_none()) {
             let status = Command::new("strip").arg("--strip-debug").arg(f).status();
             if !matches!(status, Ok(s) if s.success()) {
                 bail!("strip failed on {}", f.display());

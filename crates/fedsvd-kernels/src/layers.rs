@@ -176,7 +176,10 @@ impl GemmSpec {
 }
 
 /// How the matrices of a strided-batched GEMM follow one another: product
-/// `b` uses `A` at `offset_a + b * stride_a`, and so on.
+/// `b` uses `A` at `offset_a + b * stride_a`, and so on. Inputs may overlap
+/// (heads interleaved in a packed QKV matrix: stride `head_dim`, leading
+/// dimension `3 · hidden`); the `C` blocks of different products must not
+/// share elements (interleaved columns are fine), as cuBLAS requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchStrides {
     /// Number of products.
