@@ -1,7 +1,7 @@
 //! The speed goals: PRV ε for σ = 1, q = 0.01, 1000 steps, and
 //! calibration to ε = 6 for q = 0.01, 1000 steps (δ = 1e-5), for both
 //! accountants. Opacus's times for the same are in
-//! `../shared/reference/opacus-accountant-dev.json` (`python_seconds`).
+//! `tests/data/opacus-accountant-dev.json` (`python_seconds`).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -41,7 +41,11 @@ fn noise(c: &mut Criterion) {
     let mut out = vec![0.0f64; d];
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
     c.bench_function("privatize d=36864 (MiniLM B, r=8 on q/v)", |b| {
-        b.iter(|| mechanism.privatize(black_box(&sum), &mut rng, &mut out).unwrap())
+        b.iter(|| {
+            mechanism
+                .privatize(black_box(&sum), &mut rng, &mut out)
+                .unwrap()
+        })
     });
 }
 

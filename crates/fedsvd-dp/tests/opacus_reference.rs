@@ -1,6 +1,8 @@
-//! Every row of Opacus 1.6's reference figures
-//! (`../shared/reference/opacus-accountant-dev.json`) reproduced to the
-//! issue's tolerances. The file must exist: a missing file fails the test.
+//! Every row of Opacus 1.6's reference figures reproduced to the issue's
+//! tolerances. The figures are committed beside this test
+//! (`tests/data/opacus-accountant-dev.json`, a copy of the project's
+//! `shared/reference/` file), so a clone from GitHub runs it. The file must
+//! exist: a missing file fails the test.
 
 use std::path::PathBuf;
 
@@ -10,14 +12,13 @@ use fedsvd_dp::{
 use serde_json::Value;
 
 fn reference() -> Value {
-    let shared = match std::env::var_os("FEDSVD_SHARED") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
-    };
-    let path = shared.join("reference/opacus-accountant-dev.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
+        .join("opacus-accountant-dev.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read the Opacus reference figures at {} ({e}); the checkout needs ../shared beside it or FEDSVD_SHARED set",
+            "cannot read the Opacus reference figures at {} ({e})",
             path.display()
         )
     });
