@@ -108,6 +108,47 @@ fn col_grid(cols: usize, parts: usize) -> LaunchConfig {
     }
 }
 
+/// The column-major cuBLAS call of a row-major [`GemmSpec`]: row-major
+/// `C = op(A) op(B)` is column-major `Cᵀ = op(B)ᵀ op(A)ᵀ`, so `B` becomes the
+/// first operand and `A` the second, `m` and `n` swap, and each matrix keeps
+/// its leading dimension (a row-major matrix with row stride `ld` is its
+/// transpose in column-major order with the same `ld`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ColMajor {
+    trans_first: bool,
+    trans_second: bool,
+    m: i32,
+    n: i32,
+    k: i32,
+    ld_first: i32,
+    ld_second: i32,
+    ldc: i32,
+    stride_first: i64,
+    stride_second: i64,
+    stride_c: i64,
+    count: i32,
+}
+
+impl ColMajor {
+    pub(crate) fn of(spec: &GemmSpec, batch: &BatchStrides) -> Result<Self> {
+        const OP: &str = "gemm";
+        Ok(Self {
+            trans_first: spec.trans_b,
+            trans_second: spec.trans_a,
+            m: i32_of(OP, spec.n)?,
+            n: i32_of(OP, spec.m)?,
+            k: i32_of(OP, spec.k)?,
+            ld_first: i32_of(OP, spec.ldb)?,
+            ld_second: i32_of(OP, spec.lda)?,
+            ldc: i32_of(OP, spec.ldc)?,
+            stride_first: i64_of(OP, batch.stride_b)?,
+            stride_second: i64_of(OP, batch.stride_a)?,
+            stride_c: i64_of(OP, batch.stride_c)?,
+            count: i32_of(OP, batch.count)?,
+        })
+    }
+}
+
 impl CudaBackend {
     fn upload_u32(&self, what: &'static str, v: &[u32]) -> Result<CudaSlice<u32>> {
         self.stream.clone_htod(v).map_err(drv(what))
@@ -152,18 +193,9 @@ impl CudaBackend {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap
-        // the operands and m with n; the leading dimensions stay.
-        let (m, n, k) = (
-            i32_of(OP, spec.n)?,
-            i32_of(OP, spec.m)?,
-            i32_of(OP, spec.k)?,
-        );
-        let (lda, ldb, ldc) = (
-            i32_of(OP, spec.ldb)?,
-            i32_of(OP, spec.lda)?,
-            i32_of(OP, spec.ldc)?,
-        );
+        let cm = ColMajor::of(spec, batch)?;
+        let (m, n, k) = (cm.m, cm.n, cm.k);
+        let (lda, ldb, ldc) = (cm.ld_first, cm.ld_second, cm.ldc);
         let alpha = spec.alpha;
         let beta = spec.beta;
         let alpha_p = (&alpha as *const f32).cast();
@@ -177,8 +209,8 @@ impl CudaBackend {
             unsafe {
                 blas::gemm_ex(
                     *handle,
-                    op(spec.trans_b),
-                    op(spec.trans_a),
+                    op(cm.trans_first),
+                    op(cm.trans_second),
                     m,
                     n,
                     k,
@@ -198,18 +230,13 @@ impl CudaBackend {
                 )
             }
         } else {
-            let count = i32_of(OP, batch.count)?;
-            let (sa, sb, sc) = (
-                i64_of(OP, batch.stride_b)?,
-                i64_of(OP, batch.stride_a)?,
-                i64_of(OP, batch.stride_c)?,
-            );
+            let (count, sa, sb, sc) = (cm.count, cm.stride_first, cm.stride_second, cm.stride_c);
             // SAFETY: as above, with every product's extent checked.
             unsafe {
                 blas::gemm_strided_batched_ex(
                     *handle,
-                    op(spec.trans_b),
-                    op(spec.trans_a),
+                    op(cm.trans_first),
+                    op(cm.trans_second),
                     m,
                     n,
                     k,
@@ -664,6 +691,89 @@ impl LayerKernels for CudaBackend {
                     pc,
                     cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers_cpu;
+
+    /// cublasSgemmStridedBatched as its documentation defines it
+    /// (column-major, `C[i + j·ldc]`), on host slices.
+    #[allow(clippy::too_many_arguments)]
+    fn cublas_model(
+        cm: &ColMajor,
+        alpha: f32,
+        beta: f32,
+        first: &[f32],
+        second: &[f32],
+        c: &mut [f32],
+    ) {
+        let at = |x: &[f32], t: bool, ld: i32, i: i32, l: i32| {
+            if t {
+                x[(l + i * ld) as usize]
+            } else {
+                x[(i + l * ld) as usize]
+            }
+        };
+        for p in 0..cm.count {
+            let f = &first[(i64::from(p) * cm.stride_first) as usize..];
+            let s = &second[(i64::from(p) * cm.stride_second) as usize..];
+            let cp = (i64::from(p) * cm.stride_c) as usize;
+            for j in 0..cm.n {
+                for i in 0..cm.m {
+                    let mut acc = 0.0f64;
+                    for l in 0..cm.k {
+                        acc += f64::from(at(f, cm.trans_first, cm.ld_first, i, l))
+                            * f64::from(at(s, cm.trans_second, cm.ld_second, l, j));
+                    }
+                    let o = cp + (i + j * cm.ldc) as usize;
+                    let old = if beta == 0.0 { 0.0 } else { beta * c[o] };
+                    c[o] = alpha * acc as f32 + old;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_column_major_call_computes_the_row_major_product() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = layers_cpu::splitmix(seed);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (m, n, k) = (5, 4, 3);
+            let mut spec = GemmSpec::new(m, n, k);
+            spec.trans_a = trans_a;
+            spec.trans_b = trans_b;
+            spec.alpha = 0.75;
+            spec.beta = 0.5;
+            spec.lda = spec.a_dims().1 + 1;
+            spec.ldb = spec.b_dims().1 + 2;
+            spec.ldc = n + 1;
+            let batch = BatchStrides {
+                count: 2,
+                stride_a: spec.a_dims().0 * spec.lda,
+                stride_b: spec.b_dims().0 * spec.ldb,
+                stride_c: m * spec.ldc,
+            };
+            let a: Vec<f32> = (0..2 * batch.stride_a).map(|_| next()).collect();
+            let b: Vec<f32> = (0..2 * batch.stride_b).map(|_| next()).collect();
+            let c0: Vec<f32> = (0..2 * batch.stride_c).map(|_| next()).collect();
+            let mut want = c0.clone();
+            layers_cpu::gemm_strided_batched(&spec, &batch, &a, &b, &mut want).unwrap();
+            let cm = ColMajor::of(&spec, &batch).unwrap();
+            let mut got = c0.clone();
+            cublas_model(&cm, spec.alpha, spec.beta, &b, &a, &mut got);
+            for (o, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "trans {trans_a}/{trans_b} element {o}: {g} vs {w}"
+                );
             }
         }
     }
