@@ -1,11 +1,12 @@
 //! Running one input through a target and checking the properties, and
 //! the fuzz loop of one target inside a worker process.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::alloc;
@@ -160,9 +161,13 @@ impl Default for Limits {
     }
 }
 
-static PANIC_LOCATION: Mutex<Option<String>> = Mutex::new(None);
-
-static RUNNING_INPUT: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Where the last panic of an input on this thread happened.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether this thread is running an input (its panics are findings,
+    /// reported by the harness, not printed).
+    static RUNNING_INPUT: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Installs (once) a panic hook that prints nothing while an input runs
 /// and remembers where the panic happened (a caught panic is reported with
@@ -174,7 +179,7 @@ pub fn install_quiet_panic_hook() {
     INSTALLED.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !RUNNING_INPUT.load(Ordering::Relaxed) {
+            if !RUNNING_INPUT.with(Cell::get) {
                 previous(info);
                 return;
             }
@@ -182,9 +187,7 @@ pub fn install_quiet_panic_hook() {
                 .location()
                 .map(|l| format!("{}:{}", l.file(), l.line()))
                 .unwrap_or_default();
-            if let Ok(mut slot) = PANIC_LOCATION.lock() {
-                *slot = Some(location);
-            }
+            PANIC_LOCATION.with(|slot| *slot.borrow_mut() = Some(location));
         }));
     });
 }
@@ -211,15 +214,13 @@ pub fn run_one(
     if !target.input_file.is_empty() {
         std::fs::write(dir.join(target.input_file), input)?;
     }
-    if let Ok(mut slot) = PANIC_LOCATION.lock() {
-        *slot = None;
-    }
+    PANIC_LOCATION.with(|slot| *slot.borrow_mut() = None);
     let live = alloc::live_bytes();
-    RUNNING_INPUT.store(true, Ordering::Relaxed);
+    RUNNING_INPUT.with(|r| r.set(true));
     alloc::arm(limits.alloc_cap);
     let result = catch_unwind(AssertUnwindSafe(|| (target.run)(dir, input)));
     let report = alloc::disarm(live);
-    RUNNING_INPUT.store(false, Ordering::Relaxed);
+    RUNNING_INPUT.with(|r| r.set(false));
     if report.largest_refused > 0 {
         return Ok(Verdict::Finding(Finding {
             kind: Kind::Oversized,
@@ -232,9 +233,7 @@ pub fn run_one(
     let outcome = match result {
         Err(payload) => {
             let location = PANIC_LOCATION
-                .lock()
-                .ok()
-                .and_then(|s| s.clone())
+                .with(|slot| slot.borrow().clone())
                 .unwrap_or_default();
             return Ok(Verdict::Finding(Finding {
                 kind: Kind::Panic,

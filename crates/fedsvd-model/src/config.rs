@@ -64,7 +64,13 @@ impl BertConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            Error::UnsupportedConfig(message) => Error::Config {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 

@@ -34,6 +34,15 @@ pub enum Error {
         /// What the parser said.
         message: String,
     },
+    /// A tensor of a named checkpoint file is missing, mis-shaped, of an
+    /// unsupported dtype or not finite (`source` says which and how).
+    #[error("{}: {source}", path.display())]
+    TensorInFile {
+        /// The file.
+        path: PathBuf,
+        /// The tensor-level error.
+        source: Box<Error>,
+    },
     /// A tensor the architecture needs is not in the checkpoint.
     #[error("tensor `{name}` is missing from the checkpoint")]
     MissingTensor {

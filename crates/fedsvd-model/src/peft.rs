@@ -76,7 +76,7 @@ use serde_json::{Value, json};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, HeadConfig, LoraConfig, LoraState, Pooling, Target};
-use crate::weights::{BertWeights, Linear};
+use crate::weights::{BertWeights, Linear, in_file};
 
 /// The PEFT adapter weights file.
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -964,7 +964,7 @@ fn read_head_file(
         if st.tensor(name).is_err() {
             return Err(config_err(path, format!("no tensor `{name}`")));
         }
-        read_f32(&st, name)
+        read_f32(&st, name).map_err(|e| in_file(path, e))
     };
     let (ws, weight) = tensor("weight")?;
     let (bs, bias) = tensor("bias")?;
@@ -1057,11 +1057,28 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
             ),
         ));
     }
-    let num_layers = found.iter().map(|(l, _)| l + 1).max().unwrap_or(0);
+    let num_layers = found
+        .iter()
+        .map(|(l, _)| l.saturating_add(1))
+        .max()
+        .unwrap_or(0);
     if num_layers == 0 || targets.is_empty() {
         return Err(config_err(
             &weights_path,
             "the file holds no LoRA factor".into(),
+        ));
+    }
+    // The layer index comes from a tensor name: refuse a gap before
+    // sizing anything by it (`encoder.layer.99999999999.…` alone would
+    // otherwise ask for room for 10^11 adapters).
+    let layers: BTreeSet<usize> = found.iter().map(|(l, _)| *l).collect();
+    if let Some((missing, _)) = layers.iter().enumerate().find(|(i, l)| i != *l) {
+        return Err(config_err(
+            &weights_path,
+            format!(
+                "has adapters for layer {} but none for layer {missing}; fedsvd adapts every layer",
+                num_layers - 1
+            ),
         ));
     }
     let task = task.unwrap_or(PeftTask::SeqCls);
@@ -1441,15 +1458,19 @@ pub fn load_merged_checkpoint(dir: &Path) -> Result<MergedCheckpoint> {
     let has_classifier =
         st.tensor("classifier.weight").is_ok() || st.tensor("classifier.bias").is_ok();
     let (pooling, num_labels, head_weight, head_bias) = if has_classifier {
-        let (ws, head_weight) = read_f32(&st, "classifier.weight")?;
-        if ws.len() != 2 || ws[1] != h || ws[0] == 0 {
-            return Err(shape_err("classifier.weight", vec![0, h], ws));
-        }
-        let num_labels = ws[0];
-        let (bs, head_bias) = read_f32(&st, "classifier.bias")?;
-        if bs != [num_labels] {
-            return Err(shape_err("classifier.bias", vec![num_labels], bs));
-        }
+        let classifier = || {
+            let (ws, head_weight) = read_f32(&st, "classifier.weight")?;
+            if ws.len() != 2 || ws[1] != h || ws[0] == 0 {
+                return Err(shape_err("classifier.weight", vec![0, h], ws));
+            }
+            let num_labels = ws[0];
+            let (bs, head_bias) = read_f32(&st, "classifier.bias")?;
+            if bs != [num_labels] {
+                return Err(shape_err("classifier.bias", vec![num_labels], bs));
+            }
+            Ok((num_labels, head_weight, head_bias))
+        };
+        let (num_labels, head_weight, head_bias) = classifier().map_err(|e| in_file(&path, e))?;
         (Pooling::ClsPooler, num_labels, head_weight, head_bias)
     } else if head_path.is_file() {
         let (num_labels, _, w, b) = read_head_file(&head_path, Some(h))?;

@@ -1,6 +1,7 @@
 //! Tokenization into padded batches.
 
-use std::path::Path;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 
 use tokenizers::{TruncationParams, TruncationStrategy};
 
@@ -147,10 +148,17 @@ impl Batch {
 /// A WordPiece (or any `tokenizer.json`) tokenizer with truncation to
 /// `max_len` tokens (special tokens included) and dynamic padding. The fixed
 /// truncation and padding stored in the file are overridden.
+///
+/// The `tokenizers` crate can panic on a hostile file (a post-processor
+/// naming a special token that is not in its table, a decoder that does not
+/// parse, ...); every call into it runs under `catch_unwind`, so such a
+/// file is an [`Error::Tokenizer`] naming it, never a panic.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     max_len: usize,
     pad_id: u32,
+    /// The file it was loaded from, named in errors.
+    source: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -158,16 +166,53 @@ impl std::fmt::Debug for Tokenizer {
         f.debug_struct("Tokenizer")
             .field("max_len", &self.max_len)
             .field("pad_id", &self.pad_id)
+            .field("source", &self.source)
             .finish_non_exhaustive()
+    }
+}
+
+/// The message of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "unknown panic"
+    }
+}
+
+/// Runs `f` (a call into the `tokenizers` crate), turning a panic into an
+/// error that says what was being done.
+fn guarded<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => Err(Error::Tokenizer(format!(
+            "{}: the tokenizers library panicked: {}",
+            what(),
+            panic_message(&*payload)
+        ))),
     }
 }
 
 impl Tokenizer {
     /// Loads `tokenizer.json`; sequences are truncated to `max_len` tokens.
+    /// Every error, including one found only when encoding, names the file.
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        Self::from_tokenizer(inner, max_len)
+        let what = || format!("cannot load {}", path.display());
+        let inner = guarded(what, || {
+            tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}", path.display())))
+        })?;
+        let mut tokenizer =
+            guarded(what, || Self::from_tokenizer(inner, max_len)).map_err(|e| match e {
+                Error::Tokenizer(m) if !m.starts_with("cannot load") => {
+                    Error::Tokenizer(format!("cannot load {}: {m}", path.display()))
+                }
+                other => other,
+            })?;
+        tokenizer.source = Some(path.to_owned());
+        Ok(tokenizer)
     }
 
     /// Wraps an already loaded tokenizer.
@@ -177,21 +222,55 @@ impl Tokenizer {
                 "max_len must be at least 3 (room for [CLS] x [SEP]), got {max_len}"
             )));
         }
-        inner
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                ..Default::default()
-            }))
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        guarded(
+            || "setting truncation".to_owned(),
+            || {
+                inner
+                    .with_truncation(Some(TruncationParams {
+                        max_length: max_len,
+                        strategy: TruncationStrategy::LongestFirst,
+                        stride: 0,
+                        ..Default::default()
+                    }))
+                    .map(|_| ())
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            },
+        )?;
         inner.with_padding(None);
         let pad_id = inner.token_to_id("[PAD]").unwrap_or(0);
         Ok(Tokenizer {
             inner,
             max_len,
             pad_id,
+            source: None,
         })
+    }
+
+    /// An encoding error, naming the file the tokenizer came from.
+    fn encode_error(&self, message: String) -> Error {
+        match &self.source {
+            Some(path) => Error::Tokenizer(format!("{}: {message}", path.display())),
+            None => Error::Tokenizer(message),
+        }
+    }
+
+    /// One encoding, with a panic inside `tokenizers` turned into an error.
+    fn encode_one<'s>(
+        &self,
+        input: impl Into<tokenizers::EncodeInput<'s>>,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        let input = input.into();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.encode(input, true))) {
+            Ok(Ok(enc)) if enc.get_ids().is_empty() => {
+                Err(self.encode_error("a text encodes to no token at all".to_owned()))
+            }
+            Ok(Ok(enc)) => Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec())),
+            Ok(Err(e)) => Err(self.encode_error(e.to_string())),
+            Err(payload) => Err(self.encode_error(format!(
+                "the tokenizers library panicked while encoding: {}",
+                panic_message(&*payload)
+            ))),
+        }
     }
 
     /// The truncation length.
@@ -209,12 +288,9 @@ impl Tokenizer {
         let mut ids = Vec::with_capacity(texts.len());
         let mut tys = Vec::with_capacity(texts.len());
         for t in texts {
-            let enc = self
-                .inner
-                .encode(t.as_ref(), true)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            ids.push(enc.get_ids().to_vec());
-            tys.push(enc.get_type_ids().to_vec());
+            let (i, ty) = self.encode_one(t.as_ref())?;
+            ids.push(i);
+            tys.push(ty);
         }
         Batch::from_sequences(&ids, &tys, self.pad_id)
     }
@@ -224,12 +300,9 @@ impl Tokenizer {
         let mut ids = Vec::with_capacity(pairs.len());
         let mut tys = Vec::with_capacity(pairs.len());
         for (a, b) in pairs {
-            let enc = self
-                .inner
-                .encode((a.as_ref(), b.as_ref()), true)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            ids.push(enc.get_ids().to_vec());
-            tys.push(enc.get_type_ids().to_vec());
+            let (i, ty) = self.encode_one((a.as_ref(), b.as_ref()))?;
+            ids.push(i);
+            tys.push(ty);
         }
         Batch::from_sequences(&ids, &tys, self.pad_id)
     }

@@ -103,6 +103,25 @@ pub(crate) fn f32_values(
     Ok(values)
 }
 
+/// Names `path` in an error about the contents of that file (its header
+/// or one of its tensors); other errors pass through.
+pub(crate) fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Safetensors { message, .. } => Error::Safetensors {
+            path: path.to_owned(),
+            message,
+        },
+        e @ (Error::MissingTensor { .. }
+        | Error::ShapeMismatch { .. }
+        | Error::UnsupportedDtype { .. }
+        | Error::NonFiniteWeight { .. }) => Error::TensorInFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        },
+        other => other,
+    }
+}
+
 impl Reader<'_> {
     fn has(&self, name: &str) -> bool {
         self.st.tensor(&format!("{}{name}", self.prefix)).is_ok()
@@ -155,13 +174,7 @@ impl BertWeights {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_safetensors_bytes(config, &bytes).map_err(|e| match e {
-            Error::Safetensors { message, .. } => Error::Safetensors {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
-        })
+        Self::from_safetensors_bytes(config, &bytes).map_err(|e| in_file(path, e))
     }
 
     /// Loads the weights from the bytes of a safetensors file. Tensor names
@@ -195,7 +208,9 @@ impl BertWeights {
             &[config.type_vocab_size, h],
         )?;
         let embeddings_ln = r.layer_norm("embeddings.LayerNorm", h)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // No capacity from the config: `num_hidden_layers` is a number in a
+        // user's file, and the tensors of every layer must be found first.
+        let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
             let q = r.linear(&format!("{p}.attention.self.query"), h, h)?;
