@@ -6,6 +6,8 @@
 //!   instruction-count gate.
 //! - `bench-gate [--update]`: the instruction-count regression gate (see
 //!   `bench_gate`).
+//! - `fuzz [--seconds N]`: every fuzz target of `crates/fedsvd-fuzz` for N
+//!   seconds each (see `fuzz`).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 mod bench_gate;
+mod fuzz;
 mod gpu_bundle;
 mod kernels;
 
@@ -28,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         Some("bench-gate") => bench_gate::bench_gate(&root, &args[1..]),
         Some("build-kernels") => kernels::build_kernels(&root, &args[1..]),
         Some("gpu-bundle") => gpu_bundle::gpu_bundle(&root),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -50,6 +54,9 @@ fn print_help() {
         "  build-kernels [--check]  compile kernels/*.cu to PTX with NVRTC (--check: verify only)"
     );
     println!("  gpu-bundle    release test and benchmark binaries + gpu/run.sh in gpu-bundle/");
+    println!(
+        "  fuzz [--seconds N]  every parser fuzz target for N s each (default 10); findings in target/fuzz-findings/"
+    );
     println!(
         "  bench-gate [--update]  instruction counts (gungraun/callgrind) vs crates/fedsvd-bench-gate/baseline.json; fails above +5 % (--update: rewrite the baseline)"
     );
@@ -92,6 +99,17 @@ fn ci() -> anyhow::Result<()> {
     kernels::build_kernels(&root, &["--check".to_string()])
         .context("the kernel compilation step failed")?;
     step("tests", "cargo", &["test", "--workspace"])?;
+    // Hostile inputs (issue 21): every parser fuzz target for a short fixed
+    // time; the build reuses the test step's dependencies.
+    println!(
+        "==> fuzz: every target for {} s each",
+        fuzz::CI_SECONDS_PER_TARGET
+    );
+    fuzz::fuzz(&[
+        "--seconds".to_string(),
+        fuzz::CI_SECONDS_PER_TARGET.to_string(),
+    ])
+    .context("the fuzz step failed")?;
     // After the tests: it reuses their dev-profile build, and a failing test
     // is the more useful first message.
     println!("==> instruction-count gate: cargo xtask bench-gate");
