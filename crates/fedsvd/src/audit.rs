@@ -187,10 +187,7 @@ pub fn audit_client(
                 norm: clip * config.gradient_norm_factor,
             };
             let mut state = init.clone();
-            let extra = Instrumentation {
-                canaries: Some(&canaries),
-                ..extra
-            };
+            let extra = extra.and_canaries(&canaries);
             train_locally_instrumented(model, &mut state, data, training, streams, &extra)?;
             let before = layout.flatten(init)?;
             let after = layout.flatten(&state)?;

@@ -236,10 +236,17 @@ pub struct Instrumentation<'a> {
 impl<'a> Instrumentation<'a> {
     /// Trains with `canaries` among the client's examples.
     pub fn with_canaries(canaries: &'a GradientCanaries) -> Self {
-        Self {
-            canaries: Some(canaries),
-            ..Self::default()
-        }
+        Self::default().and_canaries(canaries)
+    }
+
+    /// These instruments with `canaries` added (any fault is kept).
+    pub fn and_canaries<'b>(self, canaries: &'b GradientCanaries) -> Instrumentation<'b>
+    where
+        'a: 'b,
+    {
+        let mut out: Instrumentation<'b> = self;
+        out.canaries = Some(canaries);
+        out
     }
 
     /// Breaks the mechanism as `fault` says (test builds only).

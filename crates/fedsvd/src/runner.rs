@@ -10,9 +10,15 @@
 //!   atomically (write, sync, rename) every round;
 //! - `summary.json`: the [`RunSummary`], once the last round has run.
 //!
-//! Crash safety: a round appends its metrics line before it replaces the
-//! checkpoint, so after a crash `metrics.jsonl` has at least as many lines
-//! as the checkpoint has rounds; [`Runner::resume`] drops the extra lines.
+//! Crash safety (a `kill -9` at any instant loses nothing): a round appends
+//! its metrics line before it replaces the checkpoint, so after a crash
+//! `metrics.jsonl` has at least as many lines as the checkpoint has rounds;
+//! [`Runner::resume`] drops the extra lines, a torn last one included.
+//! `checkpoint.json` carries the SHA-256 of its contents, so a torn or
+//! edited checkpoint is refused (naming the file) before anything is
+//! overwritten. A run killed before its first checkpoint resumes from the
+//! start; one killed while `data.json` or `metrics.jsonl` was being created
+//! gets them again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -137,16 +143,7 @@ impl Runner {
         let (federation, data) = build(&config, assets_dir)?;
         fs::create_dir_all(dir).map_err(|e| Error::io("creating the run folder", dir, e))?;
         write_json_atomic(&dir.join(files::CONFIG), &config)?;
-        let report = config.federation.privacy.report_unprotected;
-        let record = DataRecord {
-            label_names: &data.label_names,
-            partition: report.then_some(&data.partition),
-            client_examples: report.then(|| data.clients.iter().map(ClientData::len).collect()),
-            test_examples: data.test.len(),
-            majority_accuracy: majority(&config, &data),
-            load_report: report.then_some(&data.load_report),
-        };
-        write_json_atomic(&dir.join(files::DATA), &record)?;
+        write_data_record(dir, &config, &data)?;
         let metrics = dir.join(files::METRICS);
         File::create(&metrics).map_err(|e| Error::io("creating", &metrics, e))?;
         Ok(Self {
@@ -174,14 +171,20 @@ impl Runner {
         let (mut federation, data) = build(&config, assets_dir)?;
         let checkpoint_path = dir.join(files::CHECKPOINT);
         let rounds_done = if checkpoint_path.is_file() {
-            let checkpoint: FederationCheckpoint = read_json(&checkpoint_path)?;
-            federation.restore(checkpoint)?;
+            federation.restore(read_checkpoint(&checkpoint_path)?)?;
             federation.next_round()
         } else {
             0
         };
         let metrics_path = dir.join(files::METRICS);
-        let mut history = read_metrics(&metrics_path)?;
+        // Only the lines the checkpoint covers must be whole: later ones
+        // belong to a round that did not finish checkpointing (the last of
+        // them may be torn by the crash), and that round runs again.
+        let history = if metrics_path.is_file() {
+            read_metrics_prefix(&metrics_path, rounds_done)?
+        } else {
+            Vec::new()
+        };
         if history.len() < rounds_done {
             return Err(Error::CorruptRun {
                 path: metrics_path,
@@ -191,9 +194,9 @@ impl Runner {
                 ),
             });
         }
-        // Lines past the checkpoint belong to a round that did not finish
-        // checkpointing: it runs again.
-        history.truncate(rounds_done);
+        if !dir.join(files::DATA).is_file() {
+            write_data_record(dir, &config, &data)?;
+        }
         rewrite_metrics(&metrics_path, &history)?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -255,7 +258,7 @@ impl Runner {
         writeln!(file, "{line}")
             .and_then(|()| file.sync_data())
             .map_err(|e| Error::io("appending to", &path, e))?;
-        write_json_atomic(
+        write_checkpoint(
             &self.dir.join(files::CHECKPOINT),
             &self.federation.checkpoint(),
         )?;
@@ -333,6 +336,20 @@ impl Runner {
     }
 }
 
+/// Writes `data.json` for a run.
+fn write_data_record(dir: &Path, config: &RunConfig, data: &PreparedData) -> Result<()> {
+    let report = config.federation.privacy.report_unprotected;
+    let record = DataRecord {
+        label_names: &data.label_names,
+        partition: report.then_some(&data.partition),
+        client_examples: report.then(|| data.clients.iter().map(ClientData::len).collect()),
+        test_examples: data.test.len(),
+        majority_accuracy: majority(config, data),
+        load_report: report.then_some(&data.load_report),
+    };
+    write_json_atomic(&dir.join(files::DATA), &record)
+}
+
 /// The majority-class bar a run reports: from the training labels when it
 /// reports unprotected statistics, else from the held-out split alone.
 fn majority(config: &RunConfig, data: &PreparedData) -> f64 {
@@ -378,6 +395,59 @@ pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> Resul
     })
 }
 
+/// `checkpoint.json`: the checkpoint and the SHA-256 (hex) of its compact
+/// JSON serialization.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealedCheckpoint {
+    sha256: String,
+    checkpoint: FederationCheckpoint,
+}
+
+fn checkpoint_digest(path: &Path, checkpoint: &FederationCheckpoint) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(checkpoint).map_err(|e| Error::json(path, 0, e))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Writes a checkpoint with its checksum, atomically.
+pub fn write_checkpoint(path: &Path, checkpoint: &FederationCheckpoint) -> Result<()> {
+    let sealed = SealedCheckpoint {
+        sha256: checkpoint_digest(path, checkpoint)?,
+        checkpoint: checkpoint.clone(),
+    };
+    write_json_atomic(path, &sealed)
+}
+
+/// Reads a checkpoint and verifies its checksum: a torn, truncated or edited
+/// file is refused with an error naming it, and nothing is overwritten.
+pub fn read_checkpoint(path: &Path) -> Result<FederationCheckpoint> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    let sealed: SealedCheckpoint = serde_json::from_str(&text).map_err(|e| Error::CorruptRun {
+        path: path.to_path_buf(),
+        reason: format!(
+            "not a complete checkpoint with its checksum (line {}: {e}); the file is torn, \
+             edited or from an older fedsvd",
+            e.line()
+        ),
+    })?;
+    let actual = checkpoint_digest(path, &sealed.checkpoint)?;
+    if actual != sealed.sha256 {
+        return Err(Error::CorruptRun {
+            path: path.to_path_buf(),
+            reason: format!(
+                "its checksum does not match its contents (stored {}, computed {actual}): the \
+                 file was edited or damaged; refusing to resume from it",
+                sealed.sha256
+            ),
+        });
+    }
+    Ok(sealed.checkpoint)
+}
+
 /// Reads a JSON file into `T`, naming the file on failure.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
@@ -399,6 +469,25 @@ pub fn read_metrics(path: &Path) -> Result<Vec<RoundMetrics>> {
     Ok(out)
 }
 
+/// The first `rounds` lines of `metrics.jsonl`, which must be whole; any
+/// later lines (a round that did not finish, a line torn by a crash) are
+/// ignored.
+fn read_metrics_prefix(path: &Path, rounds: usize) -> Result<Vec<RoundMetrics>> {
+    let text = fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+    let mut out = Vec::with_capacity(rounds);
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        if out.len() == rounds {
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let metrics = serde_json::from_slice(line).map_err(|e| Error::json(path, i + 1, e))?;
+        out.push(metrics);
+    }
+    Ok(out)
+}
+
 fn rewrite_metrics(path: &Path, history: &[RoundMetrics]) -> Result<()> {
     let mut text = String::new();
     for m in history {
@@ -406,7 +495,14 @@ fn rewrite_metrics(path: &Path, history: &[RoundMetrics]) -> Result<()> {
         text.push('\n');
     }
     let tmp = path.with_extension("jsonl.tmp");
-    fs::write(&tmp, text)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|e| Error::io("rewriting", path, e))
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io("rewriting", path, e)
+    })
 }

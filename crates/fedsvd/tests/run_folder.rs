@@ -186,13 +186,39 @@ fn run_folders_refuse_reuse_and_report_corruption() {
     let err = runner.finish().unwrap_err();
     assert!(err.to_string().contains("1 of 4 rounds"), "{err}");
 
-    // A torn metrics file names the file and line.
+    // A line torn by a crash past the checkpoint is dropped: that round
+    // runs again.
     let metrics = dir.join(files::METRICS);
-    let mut text = fs::read_to_string(&metrics).unwrap();
-    text.push_str("{\"round\": 2, \"method\": \n");
-    fs::write(&metrics, text).unwrap();
+    let whole = fs::read_to_string(&metrics).unwrap();
+    fs::write(&metrics, format!("{whole}{{\"round\": 2, \"method\": ")).unwrap();
+    let resumed = Runner::resume(&dir, &assets()).unwrap();
+    assert_eq!(resumed.history().len(), 1);
+    assert_eq!(fs::read_to_string(&metrics).unwrap(), whole);
+    drop(resumed);
+
+    // A damaged line the checkpoint covers names the file and line.
+    fs::write(&metrics, whole.replacen("\"round\"", "\"round", 1)).unwrap();
     let err = Runner::resume(&dir, &assets()).unwrap_err();
-    assert!(err.to_string().contains("metrics.jsonl:2"), "{err}");
+    assert!(err.to_string().contains("metrics.jsonl:1"), "{err}");
+    fs::write(&metrics, &whole).unwrap();
+
+    // An edited or torn checkpoint is refused, naming the file, and the
+    // refusal overwrites nothing.
+    let checkpoint = dir.join(files::CHECKPOINT);
+    let sealed = fs::read_to_string(&checkpoint).unwrap();
+    let edited = sealed.replacen("\"next_round\": 1", "\"next_round\": 2", 1);
+    assert_ne!(
+        edited, sealed,
+        "the checkpoint's layout changed; fix the test"
+    );
+    for bad in [edited, sealed[..sealed.len() / 2].to_string()] {
+        fs::write(&checkpoint, &bad).unwrap();
+        let err = Runner::resume(&dir, &assets()).unwrap_err().to_string();
+        assert!(err.contains("checkpoint.json"), "{err}");
+        assert_eq!(fs::read_to_string(&checkpoint).unwrap(), bad);
+        assert_eq!(fs::read_to_string(&metrics).unwrap(), whole);
+    }
+    fs::write(&checkpoint, &sealed).unwrap();
 
     // A config that cannot run is refused before anything is written.
     let mut bad = config;
@@ -288,4 +314,57 @@ fn withheld_statistics_appear_in_no_output_and_only_private_unseeded_runs_are_re
         .run_to_end(|_| {})
         .unwrap();
     assert!(!summary.release_ready);
+}
+
+#[test]
+fn a_full_disk_names_the_file_and_keeps_the_last_checkpoint() {
+    // /dev/full fails every write with ENOSPC, as a full disk does; the run
+    // folder's files are pointed at it one at a time.
+    if !Path::new("/dev/full").exists() {
+        panic!("this test needs /dev/full (Linux)");
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    let mut runner = Runner::create(small_config(Method::Ffa), &dir, &assets()).unwrap();
+    runner.run_round().unwrap();
+    let checkpoint = dir.join(files::CHECKPOINT);
+    let saved = fs::read(&checkpoint).unwrap();
+
+    // The checkpoint's replacement cannot be written.
+    std::os::unix::fs::symlink("/dev/full", dir.join("checkpoint.json.tmp")).unwrap();
+    let err = runner.run_round().unwrap_err().to_string();
+    assert!(
+        err.contains("checkpoint.json") && err.contains("space"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(&checkpoint).unwrap(),
+        saved,
+        "the last checkpoint changed"
+    );
+    drop(runner);
+
+    // The metrics line cannot be appended.
+    let mut runner = Runner::resume(&dir, &assets()).unwrap();
+    let metrics = dir.join(files::METRICS);
+    let lines = fs::read(&metrics).unwrap();
+    fs::remove_file(&metrics).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &metrics).unwrap();
+    let err = runner.run_round().unwrap_err().to_string();
+    assert!(
+        err.contains("metrics.jsonl") && err.contains("space"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(&checkpoint).unwrap(),
+        saved,
+        "the last checkpoint changed"
+    );
+    drop(runner);
+
+    // With space again the run resumes from the checkpoint it kept.
+    fs::remove_file(&metrics).unwrap();
+    fs::write(&metrics, lines).unwrap();
+    let resumed = Runner::resume(&dir, &assets()).unwrap();
+    assert_eq!(resumed.history().len(), 1);
 }
