@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod cpu;
 pub mod cuda;
+pub mod elementwise;
 mod error;
 pub mod layers;
 pub mod layers_cpu;
@@ -22,6 +23,7 @@ mod types;
 
 pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, DeviceProbe, GradAlgo, probe};
+pub use elementwise::Elementwise;
 pub use error::{Error, Result};
 pub use layers::{
     AttnShape, BatchStrides, DropoutSpec, Embeddings, GemmSpec, LayerKernels, Precision,

@@ -3,6 +3,7 @@
 
 mod config;
 mod error;
+pub mod gpu;
 mod grad;
 mod lora;
 mod model;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::BertConfig;
 pub use error::{Error, Result};
+pub use gpu::{GpuGradients, GpuModel};
 pub use grad::Gradients;
 pub use lora::{
     Adapter, HeadConfig, LoraConfig, LoraState, ParamKind, ParamLayout, ParamSlot, Pooling, Target,
