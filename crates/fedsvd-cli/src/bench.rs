@@ -10,7 +10,8 @@ pub enum BenchCommand {
     /// (the reference approach), randomized SVD and the exact factored SVD.
     Svd(crate::bench_svd::SvdArgs),
     /// Time one full DP-SGD client step on MiniLM (forward, backward,
-    /// per-example clipping, noise, SGD update), LoRA r = 8 on query/value, B only.
+    /// per-example clipping, noise, SGD update), LoRA r = 8 on query/value, B only;
+    /// `--device cuda` times the GPU step on random weights of `--shape`.
     Step(crate::bench_step::StepArgs),
 }
 

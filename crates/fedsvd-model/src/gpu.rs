@@ -302,6 +302,9 @@ pub struct GpuModel {
     state: Option<DevState>,
     state_bytes: usize,
     ws: Option<Workspace>,
+    /// Device memory in use when the model started uploading (the CUDA
+    /// context, cuBLAS and anything else already there).
+    mem_base: Option<usize>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -370,6 +373,10 @@ impl GpuModel {
             )));
         }
         let be = backend;
+        let mem_base = match &be {
+            Backend::Cuda(c) => c.memory_info().ok().map(|(free, total)| total - free),
+            Backend::Cpu(_) => None,
+        };
         let mut bytes = 0;
         let mut layers = Vec::with_capacity(w.layers.len());
         for lw in &w.layers {
@@ -412,6 +419,7 @@ impl GpuModel {
             state: None,
             state_bytes: 0,
             ws: None,
+            mem_base,
         })
     }
 
@@ -425,6 +433,17 @@ impl GpuModel {
     ) -> Result<Self> {
         let be = Backend::cuda(0).map_err(kerr)?;
         Self::new(be, weights, lora, head, precision)
+    }
+
+    /// [`GpuModel::new`] on the kernels' CPU reference backend: the same
+    /// code path as on CUDA, for tests and dry runs on machines without one.
+    pub fn cpu_reference(
+        weights: Arc<BertWeights>,
+        lora: LoraConfig,
+        head: HeadConfig,
+        precision: Precision,
+    ) -> Result<Self> {
+        Self::new(Backend::cpu(), weights, lora, head, precision)
     }
 
     /// The backend's name.
@@ -451,11 +470,17 @@ impl GpuModel {
         self.frozen_bytes + self.state_bytes + self.ws.as_ref().map_or(0, |w| w.bytes)
     }
 
-    /// Device memory in use on the whole device (`total − free` from the
-    /// driver), or `None` on the CPU backend.
-    pub fn device_memory_in_use(&self) -> Option<usize> {
+    /// Device memory in use now beyond what was in use when this model was
+    /// created (`total − free` from the driver, so the CUDA context and
+    /// other processes' memory are excluded, while cuBLAS workspaces and the
+    /// stream-ordered allocator's cached blocks are included); `None` on the
+    /// CPU backend.
+    pub fn device_memory_allocated(&self) -> Option<usize> {
         match &self.be {
-            Backend::Cuda(c) => c.memory_info().ok().map(|(free, total)| total - free),
+            Backend::Cuda(c) => c
+                .memory_info()
+                .ok()
+                .map(|(free, total)| (total - free).saturating_sub(self.mem_base.unwrap_or(0))),
             Backend::Cpu(_) => None,
         }
     }

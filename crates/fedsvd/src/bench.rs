@@ -11,7 +11,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedsvd_model::{BertWeights, HeadConfig, LoraConfig, Model, Pooling, Target, peak_rss_mib};
+use fedsvd_dp::GaussianNoise;
+use fedsvd_model::gpu::{GpuModel, Precision};
+use fedsvd_model::testing::{random_values, tiny_config};
+use fedsvd_model::{
+    BertConfig, BertWeights, HeadConfig, LayerNorm, LayerWeights, Linear, LoraConfig, Model,
+    Pooling, Target, peak_rss_mib,
+};
 
 use crate::client::{ClientData, ClientStreams, LocalTraining, Privatization, train_locally};
 use crate::error::{Error, Result};
@@ -140,4 +146,308 @@ pub fn run_step_benchmark(
         threads: rayon::current_num_threads(),
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// A BERT-family encoder size for benchmarks on random weights (no
+/// download needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchShape {
+    /// all-MiniLM-L6-v2: hidden 384, 6 layers, 12 heads, FFN 1536.
+    MiniLm,
+    /// RoBERTa-large: hidden 1024, 24 layers, 16 heads, FFN 4096, vocab
+    /// 50265, 514 positions (a BERT-family encoder of that size; RoBERTa's
+    /// position-id offset plays no part in the cost).
+    RobertaLarge,
+}
+
+impl BenchShape {
+    /// The architecture.
+    pub fn config(self) -> BertConfig {
+        let (vocab, h, layers, heads, ff, pos) = match self {
+            BenchShape::MiniLm => (30522, 384, 6, 12, 1536, 512),
+            BenchShape::RobertaLarge => (50265, 1024, 24, 16, 4096, 514),
+        };
+        BertConfig {
+            vocab_size: vocab,
+            hidden_size: h,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: ff,
+            max_position_embeddings: pos,
+            ..tiny_config()
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchShape::MiniLm => "minilm",
+            BenchShape::RobertaLarge => "roberta-large",
+        }
+    }
+}
+
+/// Random weights of `shape` (weights ±0.05, biases ±0.01, LayerNorm 1/0),
+/// built directly rather than through a safetensors round trip, which
+/// would double the 1.4 GB of RoBERTa-large.
+pub fn random_bench_weights(shape: BenchShape) -> Arc<BertWeights> {
+    let c = shape.config();
+    let (h, ff) = (c.hidden_size, c.intermediate_size);
+    let mut seed = 1u64;
+    let mut vals = |n: usize, scale: f32| {
+        seed += 1;
+        random_values(n, seed, scale)
+    };
+    let mut lin = |d_out: usize, d_in: usize| Linear {
+        weight: vals(d_out * d_in, 0.05),
+        bias: vals(d_out, 0.01),
+        d_in,
+        d_out,
+    };
+    let ln = || LayerNorm {
+        gamma: vec![1.0; h],
+        beta: vec![0.0; h],
+    };
+    let layers = (0..c.num_hidden_layers)
+        .map(|_| LayerWeights {
+            qkv: lin(3 * h, h),
+            attn_out: lin(h, h),
+            attn_ln: ln(),
+            intermediate: lin(ff, h),
+            output: lin(h, ff),
+            output_ln: ln(),
+        })
+        .collect();
+    let pooler = Some(lin(h, h));
+    let mut seed2 = 1000u64;
+    let mut emb = |n: usize| {
+        seed2 += 1;
+        random_values(n, seed2, 0.05)
+    };
+    Arc::new(BertWeights {
+        word_embeddings: emb(c.vocab_size * h),
+        position_embeddings: emb(c.max_position_embeddings * h),
+        token_type_embeddings: emb(c.type_vocab_size * h),
+        embeddings_ln: ln(),
+        layers,
+        pooler,
+        config: c,
+    })
+}
+
+/// What the device step benchmark times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuStepBenchConfig {
+    /// Examples per step.
+    pub batch: usize,
+    /// Tokens per example (all full length).
+    pub seq: usize,
+    /// Timed steps after one warm-up step.
+    pub steps: usize,
+    /// DP-SGD (true) or the plain sum without clipping and noise (false).
+    pub private: bool,
+    /// GEMM precision of the encoder.
+    pub precision: Precision,
+}
+
+/// The device step measurement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuStepBenchResult {
+    /// Median seconds per step.
+    pub step_s: f64,
+    /// `batch / step_s`.
+    pub examples_per_s: f64,
+    /// Every timed step, seconds.
+    pub times_s: Vec<f64>,
+    /// The backend and device.
+    pub device: String,
+    /// Bytes the model allocated itself (weights, state, every buffer of
+    /// the step).
+    pub model_bytes: usize,
+    /// Peak over the steps of the device memory in use beyond what was in
+    /// use before the weights were uploaded (the CUDA context excluded),
+    /// sampled after each step.
+    pub peak_device_bytes: Option<usize>,
+    /// The mean loss of the last step.
+    pub last_loss: f64,
+}
+
+/// Times the device DP-SGD step of `fedsvd_model::gpu` (C = 2, σ = 1,
+/// lr = 0.5, LoRA r = 8, alpha 8, dropout 0.05 on query/value, only B
+/// trainable, frozen [CLS] pooler head, as [`run_step_benchmark`]): the
+/// clipped sum on the device, then on the host the same discrete Gaussian
+/// release as [`train_locally`] ([`GaussianNoise::privatize`]), division by
+/// the batch and the SGD update of the host copy of B, re-uploaded (B is
+/// small: 37k values for MiniLM; a device-side update is future work). A
+/// fixed batch: every example every step.
+pub fn run_gpu_step_benchmark(
+    weights: Arc<BertWeights>,
+    config: GpuStepBenchConfig,
+) -> Result<GpuStepBenchResult> {
+    device_step_benchmark(weights, config, true)
+}
+
+/// The device step benchmark on CUDA (`cuda`) or on the kernels' CPU
+/// reference backend (the same code path, for the tests of this crate).
+fn device_step_benchmark(
+    weights: Arc<BertWeights>,
+    config: GpuStepBenchConfig,
+    cuda: bool,
+) -> Result<GpuStepBenchResult> {
+    if config.batch == 0 || config.steps == 0 || config.seq < 2 {
+        return Err(Error::InvalidConfig {
+            key: "bench step",
+            value: format!(
+                "batch {}, seq {}, steps {}",
+                config.batch, config.seq, config.steps
+            ),
+            allowed: "batch >= 1, seq >= 2 and steps >= 1",
+        });
+    }
+    let vocab = weights.config.vocab_size as u64;
+    if vocab < 2000 {
+        return Err(Error::InvalidConfig {
+            key: "bench step",
+            value: format!("a vocabulary of {vocab} tokens"),
+            allowed: "a BERT vocabulary (at least 2000 tokens)",
+        });
+    }
+    let lora = LoraConfig {
+        rank: 8,
+        alpha: 8.0,
+        dropout: 0.05,
+        targets: vec![Target::Query, Target::Value],
+        train_a: false,
+        train_b: true,
+        train_head: false,
+    };
+    let head = HeadConfig {
+        num_labels: 2,
+        pooling: Pooling::ClsPooler,
+    };
+    let mut gpu = if cuda {
+        GpuModel::cuda(weights, lora, head, config.precision)?
+    } else {
+        GpuModel::cpu_reference(weights, lora, head, config.precision)?
+    };
+    let model = gpu.model().clone();
+    let mut state = model.init_state(0)?;
+    gpu.set_state(&state)?;
+    let layout = model.layout(&state);
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (1996 + (s >> 33) % (vocab - 1996)) as u32
+    };
+    let ids: Vec<Vec<u32>> = (0..config.batch)
+        .map(|_| {
+            let mut v = vec![101];
+            v.extend((0..config.seq - 2).map(|_| next()));
+            v.push(102);
+            v
+        })
+        .collect();
+    let types = vec![vec![0u32; config.seq]; config.batch];
+    let batch = fedsvd_model::Batch::from_sequences(&ids, &types, 0)?;
+    let labels: Vec<usize> = (0..config.batch).map(|i| i % 2).collect();
+    let clip = 2.0f32;
+    let noise = GaussianNoise::new(f64::from(clip), 1.0, layout.len)?;
+    let mut streams = ClientStreams::from_seed(0);
+    let mut released = vec![0.0f64; layout.len];
+    let mut direction = vec![0.0f32; layout.len];
+    let mut peak: Option<usize> = None;
+    let mut times_s = Vec::with_capacity(config.steps);
+    let mut last_loss = 0.0;
+    for step in 0..=config.steps {
+        let t = Instant::now();
+        let seed = rand::Rng::random::<u64>(&mut streams.sampling);
+        let g = if config.private {
+            gpu.clipped_sum(&batch, &labels, clip, Some(seed))?
+        } else {
+            gpu.sum(&batch, &labels, Some(seed))?
+        };
+        let inv = 1.0 / config.batch as f64;
+        if config.private {
+            noise.privatize(&g.sum, &mut streams.noise, &mut released)?;
+            for (d, r) in direction.iter_mut().zip(&released) {
+                *d = (r * inv) as f32;
+            }
+        } else {
+            for (d, v) in direction.iter_mut().zip(&g.sum) {
+                *d = (f64::from(*v) * inv) as f32;
+            }
+        }
+        // SGD on the host copy of B, then re-upload (see the doc comment).
+        layout.apply_update(&mut state, &direction, 0.5)?;
+        gpu.set_state(&state)?;
+        let elapsed = t.elapsed().as_secs_f64();
+        if step > 0 {
+            times_s.push(elapsed);
+        }
+        last_loss = g.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / config.batch as f64;
+        if let Some(m) = gpu.device_memory_allocated() {
+            peak = Some(peak.map_or(m, |p| p.max(m)));
+        }
+    }
+    let mut sorted = times_s.clone();
+    sorted.sort_by(f64::total_cmp);
+    let step_s = sorted[sorted.len() / 2];
+    Ok(GpuStepBenchResult {
+        step_s,
+        examples_per_s: config.batch as f64 / step_s,
+        times_s,
+        device: gpu.backend_name(),
+        model_bytes: gpu.device_bytes(),
+        peak_device_bytes: peak,
+        last_loss,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_step_benchmark_runs_on_the_cpu_backend() {
+        let w = random_bench_weights(BenchShape::MiniLm);
+        assert_eq!(w.config.hidden_size, 384);
+        for private in [true, false] {
+            let config = GpuStepBenchConfig {
+                batch: 3,
+                seq: 8,
+                steps: 2,
+                private,
+                precision: Precision::F32,
+            };
+            let r = device_step_benchmark(w.clone(), config, false).unwrap();
+            assert_eq!(r.times_s.len(), 2);
+            assert!(r.examples_per_s > 0.0 && r.last_loss.is_finite());
+            assert!(r.model_bytes > 4 * 22_000_000);
+            assert_eq!(r.peak_device_bytes, None);
+        }
+        let config = GpuStepBenchConfig {
+            batch: 0,
+            seq: 8,
+            steps: 1,
+            private: true,
+            precision: Precision::F32,
+        };
+        assert!(device_step_benchmark(w, config, false).is_err());
+    }
+
+    #[test]
+    fn roberta_large_shape_is_the_published_one() {
+        let c = BenchShape::RobertaLarge.config();
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (1024, 24, 16)
+        );
+        assert_eq!(
+            (c.intermediate_size, c.vocab_size, c.max_position_embeddings),
+            (4096, 50265, 514)
+        );
+        c.validate().unwrap();
+    }
 }
