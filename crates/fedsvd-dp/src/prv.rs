@@ -4,6 +4,7 @@
 //! FFT, and δ(ε) / ε(δ) are read off the composed distribution.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use realfft::num_complex::Complex;
@@ -22,9 +23,19 @@ pub const DEFAULT_EPS_ERROR: f64 = 0.01;
 pub const DEFAULT_MAX_GRID_POINTS: usize = 1 << 26;
 
 thread_local! {
-    // Plans are cached per length so repeated queries (calibration) reuse them.
-    static PLANNER: RefCell<RealFftPlanner<f64>> = RefCell::new(RealFftPlanner::new());
+    // Plans are cached per length so repeated queries (calibration) reuse
+    // them. Each length is planned by a fresh planner: a shared rustfft
+    // planner reuses the sub-FFTs it planned for earlier lengths, so the
+    // plan of a length (and the last bits of every ε) depended on which
+    // queries the thread had answered before, and a resumed run reported
+    // ε that differed from an uninterrupted one in the 11th digit.
+    static PLANS: RefCell<HashMap<usize, Arc<dyn RealToComplex<f64>>>> =
+        RefCell::new(HashMap::new());
 }
+
+/// Plans kept per thread before the cache is emptied (each holds O(n)
+/// twiddles).
+const MAX_CACHED_PLANS: usize = 32;
 
 thread_local! {
     // The spectrum and FFT scratch of the last composition, kept for the
@@ -67,7 +78,18 @@ fn resized(mut v: Vec<Complex<f64>>, len: usize) -> Vec<Complex<f64>> {
 /// planning costs several times one transform, and the inverse is done
 /// with the same plan (see [`inverse_by_forward`]).
 fn plan(n: usize) -> Arc<dyn RealToComplex<f64>> {
-    PLANNER.with(|p| p.borrow_mut().plan_fft_forward(n))
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if let Some(plan) = plans.get(&n) {
+            return Arc::clone(plan);
+        }
+        if plans.len() >= MAX_CACHED_PLANS {
+            plans.clear();
+        }
+        let plan = RealFftPlanner::new().plan_fft_forward(n);
+        plans.insert(n, Arc::clone(&plan));
+        plan
+    })
 }
 
 /// Lower bound, estimate and upper bound of ε at a δ. The upper bound is

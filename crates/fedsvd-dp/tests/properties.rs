@@ -159,3 +159,36 @@ fn prv_composition_is_independent_of_splitting_and_order() {
     let rdp = RdpAccountant::default().epsilon(&a, 1e-5).unwrap().epsilon;
     assert!(ea < rdp, "{ea} vs {rdp}");
 }
+
+/// ε of a history is a function of the history alone: not of the queries a
+/// thread answered before (a resumed run must report the same ε as an
+/// uninterrupted one, bit for bit).
+#[test]
+fn prv_epsilon_does_not_depend_on_earlier_queries() {
+    let target = HistoryEntry::new(2.947860585644807, 0.7619047619047619, 14).unwrap();
+    let fresh = std::thread::spawn(move || {
+        PrvAccountant::default()
+            .epsilon(&[target], 1e-5)
+            .unwrap()
+            .upper
+    })
+    .join()
+    .unwrap();
+    let after_others = std::thread::spawn(move || {
+        let acc = PrvAccountant::default();
+        for steps in 1..14 {
+            let e = HistoryEntry::new(2.947860585644807, 0.7619047619047619, steps).unwrap();
+            acc.epsilon(&[e], 1e-5).unwrap();
+        }
+        let other = HistoryEntry::new(0.8387856445323416, 0.1111111111111111, 12).unwrap();
+        acc.epsilon(&[other], 1e-5).unwrap();
+        acc.epsilon(&[target], 1e-5).unwrap().upper
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        fresh.to_bits(),
+        after_others.to_bits(),
+        "{fresh} vs {after_others}"
+    );
+}
