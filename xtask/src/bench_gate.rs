@@ -8,6 +8,12 @@
 //! instructions than its baseline, when a benchmark has no baseline, or when
 //! the baseline names a benchmark that no longer exists. `--update` rewrites
 //! the baseline from the run instead (commit it with the reason).
+//!
+//! `--prove` shows that the counts depend on the code alone: it clones the
+//! committed HEAD twice, into folders of different names and path lengths,
+//! builds each in its own fresh target folder and requires identical counts
+//! for every benchmark. It takes two cold builds (tens of minutes on two
+//! cores), so it runs here, not in CI.
 
 use std::collections::BTreeMap;
 use std::env;
@@ -31,16 +37,21 @@ const TOOLS: &str = ".tools/gungraun";
 /// Entry point of `cargo xtask bench-gate`.
 pub fn bench_gate(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let mut update = false;
+    let mut prove = false;
     for a in args {
         match a.as_str() {
             "--update" => update = true,
-            other => bail!("bench-gate: unknown argument `{other}` (only --update)"),
+            "--prove" => prove = true,
+            other => bail!("bench-gate: unknown argument `{other}` (--update or --prove)"),
         }
     }
     let started = Instant::now();
     let version = pinned_gungraun(root)?;
     let bin = ensure_runner(root, &version)?;
-    let counts = run_benchmarks(root, &bin)?;
+    if prove {
+        return prove_folder_independence(root, &bin);
+    }
+    let counts = run_benchmarks(root, &bin, false)?;
     let baseline_path = root.join(BASELINE);
     if update {
         write_baseline(&baseline_path, &version, &counts)?;
@@ -132,8 +143,90 @@ fn ensure_runner(root: &Path, version: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// Builds and runs the benchmarks; returns instructions per benchmark id.
-fn run_benchmarks(root: &Path, runner_bin: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
+/// Clones HEAD into two differently named folders, counts every benchmark in
+/// each with its own fresh build, and fails unless the counts are equal.
+fn prove_folder_independence(root: &Path, runner_bin: &Path) -> anyhow::Result<()> {
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(root)
+        .output()
+        .context("cannot run git status")?;
+    if !dirty.stdout.is_empty() {
+        println!(
+            "bench-gate --prove: note: uncommitted changes are not part of the proof (it clones HEAD)"
+        );
+    }
+    let base = env::temp_dir().join("fedsvd-gate-proof");
+    let clones = [
+        base.join("a"),
+        base.join("a-second-folder-with-a-much-longer-name")
+            .join("clone"),
+    ];
+    let mut runs = Vec::new();
+    for dir in &clones {
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let status = Command::new("git")
+            .args(["clone", "--quiet"])
+            .arg(root)
+            .arg(dir)
+            .status()
+            .context("cannot run git clone")?;
+        if !status.success() {
+            bail!("git clone into {} failed ({status})", dir.display());
+        }
+        println!(
+            "==> bench-gate --prove: fresh clone and build in {}",
+            dir.display()
+        );
+        runs.push(run_benchmarks(dir, runner_bin, true)?);
+    }
+    let mut differ = Vec::new();
+    println!(
+        "| benchmark | {} | {} |",
+        clones[0].display(),
+        clones[1].display()
+    );
+    println!("|---|---:|---:|");
+    for (id, a) in &runs[0] {
+        let b = runs[1].get(id).copied();
+        println!(
+            "| {id} | {a} | {} |",
+            b.map_or("missing".into(), |b| b.to_string())
+        );
+        if b != Some(*a) {
+            differ.push(id.clone());
+        }
+    }
+    if runs[0].len() != runs[1].len() {
+        differ.push("(different benchmark lists)".into());
+    }
+    if !differ.is_empty() {
+        bail!(
+            "the counts depend on the build folder: {} differ between the two clones",
+            differ.join(", ")
+        );
+    }
+    println!(
+        "bench-gate --prove: {} benchmarks, identical counts in both clones",
+        runs[0].len()
+    );
+    Ok(())
+}
+
+/// Builds and runs the benchmarks in the workspace at `root`; returns
+/// instructions per benchmark id. `isolated`: build in `root`'s own
+/// `target/`, whatever CARGO_TARGET_DIR says.
+fn run_benchmarks(
+    root: &Path,
+    runner_bin: &Path,
+    isolated: bool,
+) -> anyhow::Result<BTreeMap<String, u64>> {
     let path = match env::var_os("PATH") {
         Some(p) => {
             let mut dirs = vec![runner_bin.to_path_buf()];
@@ -161,13 +254,16 @@ fn run_benchmarks(root: &Path, runner_bin: &Path) -> anyhow::Result<BTreeMap<Str
         args.join(" ")
     );
     let started = Instant::now();
-    let output = Command::new("cargo")
+    let mut command = Command::new("cargo");
+    command
         .args(args)
         .current_dir(root)
         .env("PATH", path)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run cargo bench")?;
+        .stderr(Stdio::inherit());
+    if isolated {
+        command.env_remove("CARGO_TARGET_DIR");
+    }
+    let output = command.output().context("cannot run cargo bench")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         print!("{stdout}");

@@ -4,7 +4,7 @@
 //! - `ci`: the whole test pipeline that `.ci/run` and the README run: format
 //!   check, clippy with `-D warnings`, the asset fetch, the test suite and the
 //!   instruction-count gate.
-//! - `bench-gate [--update]`: the instruction-count regression gate (see
+//! - `bench-gate [--update | --prove]`: the instruction-count regression gate (see
 //!   `bench_gate`).
 //! - `fuzz [--seconds N]`: every fuzz target of `crates/fedsvd-fuzz` for N
 //!   seconds each (see `fuzz`).
@@ -58,7 +58,7 @@ fn print_help() {
         "  fuzz [--seconds N]  every parser fuzz target for N s each (default 10); findings in target/fuzz-findings/"
     );
     println!(
-        "  bench-gate [--update]  instruction counts (gungraun/callgrind) vs crates/fedsvd-bench-gate/baseline.json; fails above +5 % (--update: rewrite the baseline)"
+        "  bench-gate [--update | --prove]  instruction counts (gungraun/callgrind) vs crates/fedsvd-bench-gate/baseline.json; fails above +5 % (--update: rewrite the baseline; --prove: two fresh clones in different folders must count the same)"
     );
 }
 
