@@ -1,6 +1,9 @@
 //! `cargo xtask gpu-bundle`: everything the GPU machine (CUDA, no Rust
-//! toolchain) needs to test and benchmark `fedsvd-kernels`, in the ignored
-//! folder `gpu-bundle/`: the release test binaries, the benchmark binary,
+//! toolchain) needs to test and benchmark `fedsvd-kernels` and the device
+//! training step of `fedsvd-model`, in the ignored folder `gpu-bundle/`: the
+//! release test binaries of `fedsvd-kernels` (`tests/`), the `fedsvd-model`
+//! GPU parity test (`model-tests/gpu`), the stripped `fedsvd` binary
+//! (`bin/fedsvd`, for `fedsvd bench step --device cuda`), the benchmark binary,
 //! `run.sh` (from `gpu/run.sh`) and, when the checkout has `shared/` beside
 //! it, the peer's PyTorch/Opacus step `bench/opacus_gpu_step.py`. The bundle
 //! must stay under 64 MiB.
@@ -44,9 +47,18 @@ fn cargo_executables(
 }
 
 fn is_kernels(msg: &serde_json::Value) -> bool {
-    msg["package_id"]
-        .as_str()
-        .is_some_and(|id| id.contains("fedsvd-kernels"))
+    is_package(msg, "fedsvd-kernels")
+}
+
+/// Whether a cargo message is about package `name` (its package id names
+/// the package's folder or `name@version`).
+fn is_package(msg: &serde_json::Value, name: &str) -> bool {
+    msg["package_id"].as_str().is_some_and(|id| {
+        id.contains(&format!("/{name}#"))
+            || id.contains(&format!("/{name}@"))
+            || id.contains(&format!("#{name}@"))
+            || id.starts_with(&format!("{name} "))
+    })
 }
 
 /// Entry point of `cargo xtask gpu-bundle`.
@@ -88,6 +100,38 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
         bail!("cargo built no fedsvd-kernels-bench binary");
     };
 
+    let model_tests = cargo_executables(
+        &[
+            "test",
+            "--release",
+            "-p",
+            "fedsvd-model",
+            "--test",
+            "gpu",
+            "--no-run",
+            "--message-format=json",
+        ],
+        |m| is_package(m, "fedsvd-model") && m["profile"]["test"] == true,
+    )?;
+    let Some((_, model_test)) = model_tests.into_iter().next() else {
+        bail!("cargo built no fedsvd-model gpu test binary");
+    };
+    let cli = cargo_executables(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "fedsvd-cli",
+            "--bin",
+            "fedsvd",
+            "--message-format=json",
+        ],
+        |m| is_package(m, "fedsvd-cli"),
+    )?;
+    let Some((_, cli)) = cli.into_iter().next() else {
+        bail!("cargo built no fedsvd binary");
+    };
+
     let out = root.join("gpu-bundle");
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
@@ -103,6 +147,19 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
     let bench_dst = out.join("bin/fedsvd-kernels-bench");
     std::fs::copy(&bench, &bench_dst)?;
     files.push(bench_dst);
+    std::fs::create_dir_all(out.join("model-tests"))?;
+    let model_dst = out.join("model-tests/gpu");
+    std::fs::copy(&model_test, &model_dst)
+        .with_context(|| format!("cannot copy {}", model_test.display()))?;
+    files.push(model_dst);
+    // The CLI is large (tokenizers, faer); it travels without symbols.
+    let cli_dst = out.join("bin/fedsvd");
+    std::fs::copy(&cli, &cli_dst).with_context(|| format!("cannot copy {}", cli.display()))?;
+    let status = Command::new("strip").arg(&cli_dst).status();
+    if !matches!(status, Ok(s) if s.success()) {
+        bail!("strip failed on {}", cli_dst.display());
+    }
+    files.push(cli_dst);
     let run = root.join("gpu/run.sh");
     let run_dst = out.join("run.sh");
     std::fs::copy(&run, &run_dst).with_context(|| format!("cannot copy {}", run.display()))?;

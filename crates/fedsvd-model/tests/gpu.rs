@@ -193,6 +193,21 @@ fn cpu_backend_step_matches_cpu_model() {
 }
 
 #[test]
+fn cpu_backend_minilm_shape_step_matches_cpu_model() {
+    // The kernels' CPU GEMMs sum in another order than the model's, as
+    // cuBLAS does: a proxy of the GPU's round-off at the real width/depth.
+    let w = random_weights(&minilm_shape()).unwrap();
+    let case = Case {
+        targets: vec![Target::Query, Target::Value],
+        pooling: Pooling::ClsPooler,
+        dropout: 0.1,
+        examples: 3,
+        max_len: 24,
+    };
+    compare(Backend::cpu(), &w, &case, 1e-4);
+}
+
+#[test]
 fn rejects_unsupported_configs_and_bad_input() {
     let w = random_weights(&tiny_config()).unwrap();
     let head = HeadConfig::default();
