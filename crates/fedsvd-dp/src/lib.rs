@@ -24,6 +24,9 @@ pub use calibrate::{
 pub use error::{Error, Result};
 pub use history::{HistoryEntry, total_steps};
 pub use ledger::PrivacyLedger;
-pub use noise::{GaussianNoise, NOISE_GRID_CELLS, RngSource, UniformSource, discrete_gaussian};
+pub use noise::{
+    GaussianNoise, NOISE_BLOCK, NOISE_GRID_CELLS, NoiseDraw, RngSource, UniformSource,
+    discrete_gaussian,
+};
 pub use prv::{ComposedPrv, PrvAccountant, PrvDelta, PrvEpsilon};
 pub use rdp::{RdpAccountant, RdpDelta, RdpEpsilon, default_orders};

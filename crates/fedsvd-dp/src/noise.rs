@@ -33,9 +33,16 @@
 //! sampler extreme inputs and reach the far tails that sampling alone never
 //! shows.
 
-use rand::RngCore;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
 
 use crate::{Error, Result};
+
+/// Coordinates per independently seeded block of a [`NoiseDraw`]: blocks
+/// are drawn in parallel, each from its own ChaCha20 stream, so the noise
+/// is the same whatever the number of threads.
+pub const NOISE_BLOCK: usize = 4096;
 
 /// Standard deviation of the discrete noise, in grid cells (`s`).
 pub const NOISE_GRID_CELLS: u64 = 1 << 28;
@@ -275,24 +282,74 @@ impl GaussianNoise {
     }
 
     /// Writes the private release of `sum` into `out`: `γ·(round(sum/γ) +
-    /// k)` with `k` an exact discrete Gaussian per coordinate, drawn from
-    /// `rng` in coordinate order.
+    /// k)` with `k` an exact discrete Gaussian per coordinate
+    /// ([`GaussianNoise::draw`] from `rng`, then [`GaussianNoise::release`]).
     pub fn privatize<R: RngCore + ?Sized>(
         &self,
         sum: &[f32],
         rng: &mut R,
         out: &mut [f64],
     ) -> Result<()> {
-        self.privatize_from(sum, &mut RngSource(rng), out)
+        let draw = self.draw(rng);
+        self.release(sum, &draw, out)
     }
 
-    /// [`GaussianNoise::privatize`] from any [`UniformSource`].
-    pub fn privatize_from<U: UniformSource + ?Sized>(
-        &self,
-        sum: &[f32],
-        src: &mut U,
-        out: &mut [f64],
-    ) -> Result<()> {
+    /// The noise of one release, drawn before the sum exists (so a device
+    /// can compute the sum meanwhile): a 256-bit key from `rng`, then block
+    /// b of [`NOISE_BLOCK`] coordinates from ChaCha20 with that key on
+    /// stream b, blocks in parallel. The result depends on `rng` alone, not
+    /// on the number of threads.
+    pub fn draw<R: RngCore + ?Sized>(&self, rng: &mut R) -> NoiseDraw {
+        if self.grid == 0.0 {
+            return NoiseDraw { cells: Vec::new() };
+        }
+        let mut key = [0u8; 32];
+        rng.fill_bytes(&mut key);
+        let mut cells = vec![0i64; self.dim];
+        cells
+            .par_chunks_mut(NOISE_BLOCK)
+            .enumerate()
+            .for_each(|(block, cells)| {
+                let mut stream = ChaCha20Rng::from_seed(key);
+                stream.set_stream(block as u64);
+                let mut src = RngSource(&mut stream);
+                for c in cells {
+                    *c = discrete_gaussian(&mut src, NOISE_GRID_CELLS);
+                }
+            });
+        NoiseDraw { cells }
+    }
+
+    /// The release of `sum` with the noise of `draw`: `γ·(round(sum/γ) + k)`.
+    pub fn release(&self, sum: &[f32], draw: &NoiseDraw, out: &mut [f64]) -> Result<()> {
+        self.check_release(sum, out)?;
+        if self.grid == 0.0 {
+            for (o, &s) in out.iter_mut().zip(sum) {
+                *o = f64::from(s);
+            }
+            return Ok(());
+        }
+        if draw.cells.len() != self.dim {
+            return Err(Error::InvalidParameter {
+                name: "noise draw length",
+                value: draw.cells.len() as f64,
+                reason: "the draw must come from this mechanism (one value per coordinate)",
+            });
+        }
+        for ((o, &s), &k) in out.iter_mut().zip(sum).zip(&draw.cells) {
+            *o = self.grid * (self.cells_of(s) + k) as f64;
+        }
+        Ok(())
+    }
+
+    /// `round(s/γ)`, saturated far inside i64.
+    fn cells_of(&self, s: f32) -> i64 {
+        (f64::from(s) / self.grid)
+            .round()
+            .clamp(-(2f64.powi(62)), 2f64.powi(62)) as i64
+    }
+
+    fn check_release(&self, sum: &[f32], out: &[f64]) -> Result<()> {
         if sum.len() != self.dim || out.len() != self.dim {
             return Err(Error::InvalidParameter {
                 name: "release length",
@@ -307,6 +364,19 @@ impl GaussianNoise {
                 reason: "every coordinate of the clipped sum must be finite",
             });
         }
+        Ok(())
+    }
+
+    /// [`GaussianNoise::privatize`] drawing coordinate by coordinate from
+    /// any [`UniformSource`] (sequential; the seam through which tests feed
+    /// chosen inputs).
+    pub fn privatize_from<U: UniformSource + ?Sized>(
+        &self,
+        sum: &[f32],
+        src: &mut U,
+        out: &mut [f64],
+    ) -> Result<()> {
+        self.check_release(sum, out)?;
         if self.grid == 0.0 {
             for (o, &s) in out.iter_mut().zip(sum) {
                 *o = f64::from(s);
@@ -314,15 +384,18 @@ impl GaussianNoise {
             return Ok(());
         }
         for (o, &s) in out.iter_mut().zip(sum) {
-            // |S/γ| ≤ |S|·2^28/(σC) stays far inside i64 for finite f32 sums
-            // only while σC is not tiny; saturate instead of wrapping.
-            let cells = (f64::from(s) / self.grid).round();
-            let cells = cells.clamp(-(2f64.powi(62)), 2f64.powi(62)) as i64;
             let k = discrete_gaussian(src, NOISE_GRID_CELLS);
-            *o = self.grid * (cells + k) as f64;
+            *o = self.grid * (self.cells_of(s) + k) as f64;
         }
         Ok(())
     }
+}
+
+/// Noise drawn for one release ([`GaussianNoise::draw`]): one discrete
+/// Gaussian per coordinate, in grid cells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoiseDraw {
+    cells: Vec<i64>,
 }
 
 #[cfg(test)]
@@ -502,6 +575,38 @@ mod tests {
             assert!((v - f64::from(s)).abs() < 22.0);
         }
         assert!(a.iter().zip(sum).any(|(v, s)| *v != f64::from(s)));
+    }
+
+    #[test]
+    fn a_draw_is_the_same_for_any_thread_count_and_is_standard_normal() {
+        let noise = GaussianNoise::new(1.0, 1.0, 3 * NOISE_BLOCK + 17).unwrap();
+        let draw_with = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| noise.draw(&mut StdRng::seed_from_u64(21)))
+        };
+        let one = draw_with(1);
+        assert_eq!(one, draw_with(3));
+        let s = NOISE_GRID_CELLS as f64;
+        let z: Vec<f64> = one.cells.iter().map(|&k| k as f64 / s).collect();
+        let n = z.len() as f64;
+        let mean = z.iter().sum::<f64>() / n;
+        let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        assert!(
+            mean.abs() < 0.04 && (var - 1.0).abs() < 0.06,
+            "{mean} {var}"
+        );
+        // Blocks are different streams, not copies of one.
+        assert_ne!(one.cells[..64], one.cells[NOISE_BLOCK..NOISE_BLOCK + 64]);
+        // release() adds exactly the drawn cells.
+        let sum = vec![0.0f32; noise.dim()];
+        let mut out = vec![0.0; noise.dim()];
+        noise.release(&sum, &one, &mut out).unwrap();
+        for (o, &k) in out.iter().zip(&one.cells) {
+            assert_eq!(*o, noise.grid() * k as f64);
+        }
     }
 
     #[test]

@@ -736,6 +736,9 @@ fn layer_gemms(r: &mut rand::rngs::StdRng) -> Vec<GemmCase> {
     // dW_i += dY_iᵀ X_i for every example.
     let mut grads = GemmSpec::new(h, h, t);
     grads.trans_a = true;
+    // Aᵀ is stored [t, h]: its rows are h wide (the H200 run of 2026-12-04
+    // refused the default lda = k = t, correctly).
+    grads.lda = h;
     grads.beta = 1.0;
     out.push((
         "per-example gradients",

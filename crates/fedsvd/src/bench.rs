@@ -363,14 +363,28 @@ fn device_step_benchmark(
     for step in 0..=config.steps {
         let t = Instant::now();
         let seed = rand::Rng::random::<u64>(&mut streams.sampling);
+        // The noise does not depend on the sum: it is drawn on the host's
+        // cores (GaussianNoise::draw, parallel blocks) while this thread
+        // waits for the device.
+        let mut drawn = None;
         let g = if config.private {
-            gpu.clipped_sum(&batch, &labels, clip, Some(seed))?
+            let noise_rng = &mut streams.noise;
+            let draw = &mut drawn;
+            let noise = &noise;
+            rayon::scope(|scope| {
+                scope.spawn(move |_| *draw = Some(noise.draw(noise_rng)));
+                gpu.clipped_sum(&batch, &labels, clip, Some(seed))
+            })?
         } else {
             gpu.sum(&batch, &labels, Some(seed))?
         };
         let inv = 1.0 / config.batch as f64;
         if config.private {
-            noise.privatize(&g.sum, &mut streams.noise, &mut released)?;
+            // The scope above returns only after its spawned draw finished.
+            let draw = drawn
+                .take()
+                .unwrap_or_else(|| noise.draw(&mut streams.noise));
+            noise.release(&g.sum, &draw, &mut released)?;
             for (d, r) in direction.iter_mut().zip(&released) {
                 *d = (r * inv) as f32;
             }
