@@ -19,7 +19,9 @@ use fedsvd_model::{
     Pooling, Target, peak_rss_mib,
 };
 
-use crate::client::{ClientData, ClientStreams, LocalTraining, Privatization, train_locally};
+use crate::client::{
+    ClientData, ClientStreams, LocalTraining, Privatization, private_direction, train_locally,
+};
 use crate::error::{Error, Result};
 
 /// What to time.
@@ -384,10 +386,8 @@ fn device_step_benchmark(
             let draw = drawn
                 .take()
                 .unwrap_or_else(|| noise.draw(&mut streams.noise));
-            noise.release(&g.sum, &draw, &mut released)?;
-            for (d, r) in direction.iter_mut().zip(&released) {
-                *d = (r * inv) as f32;
-            }
+            direction.copy_from_slice(&g.sum);
+            private_direction(&noise, &draw, config.batch, &mut released, &mut direction)?;
         } else {
             for (d, v) in direction.iter_mut().zip(&g.sum) {
                 *d = (f64::from(*v) * inv) as f32;

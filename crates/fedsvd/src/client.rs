@@ -273,6 +273,25 @@ impl<'a> Instrumentation<'a> {
     }
 }
 
+/// The DP-SGD step's release: `direction` holds the clipped sum on entry
+/// and the private update direction on return, `(sum + noise) / L` with the
+/// noise of `draw` (see [`GaussianNoise::release`]) and L the expected
+/// batch. Every device's step ends here, so the mechanism is written once.
+pub fn private_direction(
+    noise: &GaussianNoise,
+    draw: &fedsvd_dp::NoiseDraw,
+    expected_batch: usize,
+    released: &mut [f64],
+    direction: &mut [f32],
+) -> Result<()> {
+    noise.release(direction, draw, released)?;
+    let inv_l = 1.0 / expected_batch.max(1) as f64;
+    for (d, r) in direction.iter_mut().zip(released.iter()) {
+        *d = (r * inv_l) as f32;
+    }
+    Ok(())
+}
+
 /// Runs `training.steps` local steps on `state`. Per step: Poisson-sample a
 /// logical batch with q = L / n_k; split it into physical batches; sum the
 /// (clipped, under DP) per-example gradients of all trainable parameters
@@ -392,11 +411,14 @@ pub fn train_locally_instrumented(
         report.steps += 1;
         match &noise {
             Some(noise) => {
-                noise.privatize(&direction, &mut streams.noise, &mut released)?;
-                let inv_l = 1.0 / training.expected_batch as f64;
-                for (d, r) in direction.iter_mut().zip(&released) {
-                    *d = (r * inv_l) as f32;
-                }
+                let draw = noise.draw(&mut streams.noise);
+                private_direction(
+                    noise,
+                    &draw,
+                    training.expected_batch,
+                    &mut released,
+                    &mut direction,
+                )?;
             }
             None => {
                 let max_grad_norm = match training.privatization {

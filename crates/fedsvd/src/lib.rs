@@ -25,7 +25,7 @@ pub use audit::{AuditConfig, AuditReport, CanaryMode, audit_client, audit_run};
 pub use client::Fault;
 pub use client::{
     ClientData, ClientStreams, GradientCanaries, Instrumentation, LocalReport, LocalTraining,
-    Privatization, train_locally, train_locally_instrumented,
+    Privatization, private_direction, train_locally, train_locally_instrumented,
 };
 pub use error::{Error, Result};
 pub use federation::{
