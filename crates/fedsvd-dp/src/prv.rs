@@ -4,7 +4,7 @@
 //! FFT, and δ(ε) / ε(δ) are read off the composed distribution.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use realfft::num_complex::Complex;
@@ -29,8 +29,10 @@ thread_local! {
     // plan of a length (and the last bits of every ε) depended on which
     // queries the thread had answered before, and a resumed run reported
     // ε that differed from an uninterrupted one in the 11th digit.
-    static PLANS: RefCell<HashMap<usize, Arc<dyn RealToComplex<f64>>>> =
-        RefCell::new(HashMap::new());
+    // A BTreeMap, not a HashMap: a hash map's per-process random seed would
+    // make the instruction counts of the gate differ from run to run.
+    static PLANS: RefCell<BTreeMap<usize, Arc<dyn RealToComplex<f64>>>> =
+        RefCell::new(BTreeMap::new());
 }
 
 /// Plans kept per thread before the cache is emptied (each holds O(n)
