@@ -52,24 +52,24 @@ pub struct StepBenchResult {
     pub peak_rss_mib: Option<f64>,
 }
 
-/// Times local steps (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
-/// 0.05 on query/value, only B trainable, frozen [CLS] pooler head) on
-/// `weights`, through [`train_locally`] with a seeded stream.
-pub fn run_step_benchmark(
-    weights: Arc<BertWeights>,
-    config: StepBenchConfig,
-) -> Result<StepBenchResult> {
-    if config.batch == 0 || config.steps == 0 || config.seq < 2 {
+/// What both step benchmarks (CPU and device) train: r = 8 LoRA on
+/// query/value with only B trainable, the frozen [CLS] pooler head, and a
+/// fixed batch of `batch` sequences of exactly `seq` tokens.
+struct StepInputs {
+    lora: LoraConfig,
+    head: HeadConfig,
+    ids: Vec<Vec<u32>>,
+}
+
+fn step_inputs(vocab: usize, batch: usize, seq: usize, steps: usize) -> Result<StepInputs> {
+    if batch == 0 || steps == 0 || seq < 2 {
         return Err(Error::InvalidConfig {
             key: "bench step",
-            value: format!(
-                "batch {}, seq {}, steps {}",
-                config.batch, config.seq, config.steps
-            ),
+            value: format!("batch {batch}, seq {seq}, steps {steps}"),
             allowed: "batch >= 1, seq >= 2 and steps >= 1",
         });
     }
-    let vocab = weights.config.vocab_size as u64;
+    let vocab = vocab as u64;
     if vocab < 2000 {
         return Err(Error::InvalidConfig {
             key: "bench step",
@@ -77,21 +77,6 @@ pub fn run_step_benchmark(
             allowed: "a BERT vocabulary (at least 2000 tokens)",
         });
     }
-    let lora = LoraConfig {
-        rank: 8,
-        alpha: 8.0,
-        dropout: 0.05,
-        targets: vec![Target::Query, Target::Value],
-        train_a: false,
-        train_b: true,
-        train_head: false,
-    };
-    let head = HeadConfig {
-        num_labels: 2,
-        pooling: Pooling::ClsPooler,
-    };
-    let model = Model::new(weights, lora, head)?;
-    let mut state = model.init_state(0)?;
     // [CLS] w_1 .. w_{seq-2} [SEP] with word-piece ids from a fixed LCG.
     let mut s = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
@@ -100,14 +85,47 @@ pub fn run_step_benchmark(
             .wrapping_add(1_442_695_040_888_963_407);
         (1996 + (s >> 33) % (vocab - 1996)) as u32
     };
-    let ids: Vec<Vec<u32>> = (0..config.batch)
+    let ids = (0..batch)
         .map(|_| {
             let mut v = vec![101];
-            v.extend((0..config.seq - 2).map(|_| next()));
+            v.extend((0..seq - 2).map(|_| next()));
             v.push(102);
             v
         })
         .collect();
+    Ok(StepInputs {
+        lora: LoraConfig {
+            rank: 8,
+            alpha: 8.0,
+            dropout: 0.05,
+            targets: vec![Target::Query, Target::Value],
+            train_a: false,
+            train_b: true,
+            train_head: false,
+        },
+        head: HeadConfig {
+            num_labels: 2,
+            pooling: Pooling::ClsPooler,
+        },
+        ids,
+    })
+}
+
+/// Times local steps (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
+/// 0.05 on query/value, only B trainable, frozen [CLS] pooler head) on
+/// `weights`, through [`train_locally`] with a seeded stream.
+pub fn run_step_benchmark(
+    weights: Arc<BertWeights>,
+    config: StepBenchConfig,
+) -> Result<StepBenchResult> {
+    let StepInputs { lora, head, ids } = step_inputs(
+        weights.config.vocab_size,
+        config.batch,
+        config.seq,
+        config.steps,
+    )?;
+    let model = Model::new(weights, lora, head)?;
+    let mut state = model.init_state(0)?;
     let data = ClientData {
         type_ids: vec![vec![0u32; config.seq]; config.batch],
         ids,
@@ -296,37 +314,12 @@ fn device_step_benchmark(
     config: GpuStepBenchConfig,
     cuda: bool,
 ) -> Result<GpuStepBenchResult> {
-    if config.batch == 0 || config.steps == 0 || config.seq < 2 {
-        return Err(Error::InvalidConfig {
-            key: "bench step",
-            value: format!(
-                "batch {}, seq {}, steps {}",
-                config.batch, config.seq, config.steps
-            ),
-            allowed: "batch >= 1, seq >= 2 and steps >= 1",
-        });
-    }
-    let vocab = weights.config.vocab_size as u64;
-    if vocab < 2000 {
-        return Err(Error::InvalidConfig {
-            key: "bench step",
-            value: format!("a vocabulary of {vocab} tokens"),
-            allowed: "a BERT vocabulary (at least 2000 tokens)",
-        });
-    }
-    let lora = LoraConfig {
-        rank: 8,
-        alpha: 8.0,
-        dropout: 0.05,
-        targets: vec![Target::Query, Target::Value],
-        train_a: false,
-        train_b: true,
-        train_head: false,
-    };
-    let head = HeadConfig {
-        num_labels: 2,
-        pooling: Pooling::ClsPooler,
-    };
+    let StepInputs { lora, head, ids } = step_inputs(
+        weights.config.vocab_size,
+        config.batch,
+        config.seq,
+        config.steps,
+    )?;
     let mut gpu = if cuda {
         GpuModel::cuda(weights, lora, head, config.precision)?
     } else {
@@ -336,21 +329,6 @@ fn device_step_benchmark(
     let mut state = model.init_state(0)?;
     gpu.set_state(&state)?;
     let layout = model.layout(&state);
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (1996 + (s >> 33) % (vocab - 1996)) as u32
-    };
-    let ids: Vec<Vec<u32>> = (0..config.batch)
-        .map(|_| {
-            let mut v = vec![101];
-            v.extend((0..config.seq - 2).map(|_| next()));
-            v.push(102);
-            v
-        })
-        .collect();
     let types = vec![vec![0u32; config.seq]; config.batch];
     let batch = fedsvd_model::Batch::from_sequences(&ids, &types, 0)?;
     let labels: Vec<usize> = (0..config.batch).map(|i| i % 2).collect();
