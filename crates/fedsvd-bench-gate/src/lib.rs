@@ -75,7 +75,8 @@ impl Prepared {
 }
 
 /// Finds the workload `name`, makes the calling thread single-threaded for
-/// every parallel layer the crates use, and builds the workload's inputs.
+/// every parallel layer the crates use, builds the workload's inputs and
+/// runs it once, unmeasured.
 ///
 /// Instruction counts are only comparable between runs when the work runs
 /// on one thread in a fixed order, whatever the machine's core count:
@@ -92,9 +93,16 @@ pub fn prepare(name: &str) -> Result<Prepared> {
         .find(|w| w.name == name)
         .ok_or_else(|| Error::UnknownWorkload(name.to_string()))?;
     single_thread()?;
+    let mut job = (workload.prepare)()?;
+    // One unmeasured run first: the measured one is then the steady state,
+    // without first-use work whose cost depends on the process rather than
+    // the code (FFT planners' hash-seeded caches, lazily read environment
+    // variables whose values hold the build folder's path, thread-local
+    // buffers).
+    job()?;
     Ok(Prepared {
         name: workload.name,
-        job: (workload.prepare)()?,
+        job,
     })
 }
 
