@@ -643,14 +643,14 @@ impl Federation {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum StreamKind {
+pub(crate) enum StreamKind {
     Server = 1,
     Client = 2,
 }
 
 /// A seed for one purpose, round and index, from the run seed (SplitMix64
 /// finalizer over the combined words: distinct inputs give unrelated seeds).
-fn derive_seed(seed: u64, kind: StreamKind, round: usize, index: usize) -> u64 {
+pub(crate) fn derive_seed(seed: u64, kind: StreamKind, round: usize, index: usize) -> u64 {
     let mut z = seed;
     for word in [kind as u64, round as u64, index as u64] {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(word);
@@ -882,7 +882,7 @@ pub fn load_global(state: &GlobalState, lora: &mut LoraState) -> Result<()> {
 }
 
 /// What a client uploads after training.
-fn update_from_lora(
+pub(crate) fn update_from_lora(
     lora: &LoraState,
     examples: usize,
     with_a: bool,
