@@ -18,6 +18,7 @@ pub mod run;
 pub mod runner;
 pub mod sampling;
 pub mod strategy;
+pub mod study;
 
 pub use adapters::{ClientUpdate, GlobalState, ModuleAdapter};
 pub use audit::{AuditConfig, AuditReport, CanaryMode, audit_client, audit_run};
@@ -39,3 +40,4 @@ pub use run::{
 pub use runner::{RunSummary, Runner};
 pub use sampling::sample_clients;
 pub use strategy::{Method, ServerStep, Strategy, SvdSolver};
+pub use study::{ENDPOINT_WINDOW, Endpoint};

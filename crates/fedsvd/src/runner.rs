@@ -77,6 +77,15 @@ pub struct RunSummary {
     pub final_accuracy: f64,
     /// Held-out mean loss after the last round.
     pub final_loss: f64,
+    /// The steadier endpoint: mean held-out accuracy over the last
+    /// [`crate::study::ENDPOINT_WINDOW`] evaluated rounds, or over all of
+    /// them when fewer were evaluated (`null` when none was; absent from
+    /// summaries written before it existed).
+    #[serde(default)]
+    pub endpoint_accuracy: Option<f64>,
+    /// The evaluated rounds averaged into `endpoint_accuracy`.
+    #[serde(default)]
+    pub endpoint_rounds: Vec<usize>,
     /// Held-out accuracy of always predicting the majority training label
     /// (the held-out split's own majority when unprotected statistics are
     /// withheld).
@@ -286,6 +295,7 @@ impl Runner {
         };
         let fed = &self.config.federation;
         let rounds = self.history.len().max(1) as f64;
+        let endpoint = crate::study::run_endpoint(&self.history);
         let summary = RunSummary {
             method: fed.method.name().to_string(),
             dataset: self.config.data.dataset.clone(),
@@ -302,6 +312,8 @@ impl Runner {
             completed_rounds: self.history.len(),
             final_accuracy: last.eval_accuracy.unwrap_or(f64::NAN),
             final_loss: last.eval_loss.unwrap_or(f64::NAN),
+            endpoint_accuracy: endpoint.as_ref().map(|e| e.accuracy),
+            endpoint_rounds: endpoint.map(|e| e.rounds).unwrap_or_default(),
             majority_accuracy: self.majority_accuracy,
             max_epsilon_spent: last.max_epsilon,
             noise_multipliers: if fed.privacy.report_unprotected {
