@@ -17,6 +17,7 @@ pub mod federation;
 pub mod run;
 pub mod runner;
 pub mod sampling;
+pub mod server;
 pub mod strategy;
 pub mod study;
 
