@@ -239,6 +239,8 @@ pub(crate) struct Run {
     delta: Option<f64>,
     seed: u64,
     final_accuracy: f64,
+    /// Mean accuracy over the last evaluated rounds (from the curve).
+    endpoint: Option<fedsvd::Endpoint>,
     majority_accuracy: Option<f64>,
     max_epsilon_spent: Option<f64>,
     bytes_per_round: Option<f64>,
@@ -267,6 +269,10 @@ fn load_run(dir: &Path) -> anyhow::Result<Option<Run>> {
     check_finite(&summary_path, "epsilon", s.epsilon)?;
     check_finite(&summary_path, "majority_accuracy", s.majority_accuracy)?;
     let curve = load_curve(&dir.join("metrics.jsonl"))?;
+    let endpoint = fedsvd::study::endpoint(
+        curve.iter().map(|&(r, a)| (r as usize, a)),
+        fedsvd::ENDPOINT_WINDOW,
+    );
     Ok(Some(Run {
         dir: dir.to_path_buf(),
         method: s.method,
@@ -274,6 +280,7 @@ fn load_run(dir: &Path) -> anyhow::Result<Option<Run>> {
         delta: s.delta,
         seed: s.seed,
         final_accuracy: s.final_accuracy,
+        endpoint,
         majority_accuracy: s.majority_accuracy,
         max_epsilon_spent: s.max_epsilon_spent,
         bytes_per_round: s.mean_bytes_uploaded_per_round,
@@ -384,6 +391,8 @@ pub(crate) struct Cell {
     pub(crate) method: String,
     runs: Vec<Run>,
     final_accuracy: Summary,
+    /// Over the runs that evaluated any round.
+    endpoint: Option<Summary>,
 }
 
 impl Cell {
@@ -391,10 +400,15 @@ impl Cell {
         runs.sort_by(|a, b| a.seed.cmp(&b.seed).then_with(|| a.dir.cmp(&b.dir)));
         let finals: Vec<f64> = runs.iter().map(|r| r.final_accuracy).collect();
         let final_accuracy = Summary::of(&finals).expect("a cell holds at least one run");
+        let endpoints: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.endpoint.as_ref().map(|e| e.accuracy))
+            .collect();
         Self {
             method,
             runs,
             final_accuracy,
+            endpoint: Summary::of(&endpoints),
         }
     }
 
@@ -405,6 +419,21 @@ impl Cell {
     fn mean_of(&self, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
         let values: Vec<f64> = self.runs.iter().filter_map(f).collect();
         Summary::of(&values).map(|s| s.mean)
+    }
+
+    /// How many evaluated rounds the endpoints averaged: "5", or "2–5"
+    /// when runs differ.
+    fn endpoint_window(&self) -> String {
+        let counts: BTreeSet<usize> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.endpoint.as_ref().map(|e| e.rounds.len()))
+            .collect();
+        match (counts.first(), counts.last()) {
+            (Some(a), Some(b)) if a == b => a.to_string(),
+            (Some(a), Some(b)) => format!("{a}–{b}"),
+            _ => "0".to_string(),
+        }
     }
 
     fn max_of(&self, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
@@ -601,6 +630,14 @@ fn or_dash(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or_else(|| "–".to_string(), f)
 }
 
+/// `73.00 ± 8.96`, or `71.23 (n=1)` without an interval.
+fn mean_ci(s: &Summary) -> String {
+    match s.ci95_half_width {
+        Some(h) => format!("{} ± {}", pct(s.mean), pct(h)),
+        None => format!("{} (n=1)", pct(s.mean)),
+    }
+}
+
 fn markdown(
     panels: &[Panel],
     n_runs: usize,
@@ -629,10 +666,14 @@ fn markdown(
     }
     let _ = writeln!(
         md,
-        "\nFinal accuracy (%) is the mean over seeds ± the half-width of its 95 % \
+        "\nFinal accuracy (%) is the last round's accuracy, the endpoint the mean accuracy \
+over each run's last {} evaluated rounds (fewer when fewer were evaluated; the column \
+says how many), which swings less with the clients one round samples. Both are the mean \
+over seeds ± the half-width of its 95 % \
 confidence interval (Student t, n − 1 degrees of freedom); with one seed the value \
 is shown with n=1. Bytes uploaded and server refactorization time are means per round \
-over the seeds; max ε spent is the largest ε any client spent in any of the runs."
+over the seeds; max ε spent is the largest ε any client spent in any of the runs.",
+        fedsvd::ENDPOINT_WINDOW
     );
     for panel in panels {
         let title = match (panel.epsilon.0, panel.delta) {
@@ -643,18 +684,19 @@ over the seeds; max ε spent is the largest ε any client spent in any of the ru
         let _ = writeln!(md, "\n## {title}\n");
         let _ = writeln!(
             md,
-            "| method | runs (seeds) | final accuracy (%) | majority-class accuracy (%) | bytes uploaded / round | server time / round | max ε spent |"
+            "| method | runs (seeds) | final accuracy (%) | endpoint accuracy (%) (rounds averaged) | majority-class accuracy (%) | bytes uploaded / round | server time / round | max ε spent |"
         );
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
         for cell in &panel.cells {
             let s = cell.final_accuracy;
-            let acc = match s.ci95_half_width {
-                Some(h) => format!("{} ± {}", pct(s.mean), pct(h)),
-                None => format!("{} (n=1)", pct(s.mean)),
-            };
+            let acc = mean_ci(&s);
+            let endpoint = cell.endpoint.as_ref().map_or_else(
+                || "–".to_string(),
+                |e| format!("{} ({})", mean_ci(e), cell.endpoint_window()),
+            );
             let _ = writeln!(
                 md,
-                "| {} | {} ({}) | {acc} | {} | {} | {} | {} |",
+                "| {} | {} ({}) | {acc} | {endpoint} | {} | {} | {} | {} |",
                 method_label(&cell.method),
                 s.n,
                 seeds_list(&cell.seeds(), ", "),
@@ -669,7 +711,7 @@ over the seeds; max ε spent is the largest ε any client spent in any of the ru
 }
 
 /// The CSV columns, in order.
-const CSV_HEADER: [&str; 14] = [
+const CSV_HEADER: [&str; 18] = [
     "epsilon",
     "delta",
     "method",
@@ -684,6 +726,10 @@ const CSV_HEADER: [&str; 14] = [
     "bytes_uploaded_per_round",
     "server_seconds_per_round",
     "max_epsilon_spent",
+    "endpoint_accuracy_mean",
+    "endpoint_ci95_half_width",
+    "endpoint_n",
+    "endpoint_rounds_averaged",
 ];
 
 fn write_csv(panels: &[Panel], path: &Path) -> anyhow::Result<()> {
@@ -712,6 +758,10 @@ fn write_csv(panels: &[Panel], path: &Path) -> anyhow::Result<()> {
                 num(cell.mean_of(|r| r.bytes_per_round)),
                 num(cell.mean_of(|r| r.server_seconds)),
                 num(cell.max_of(|r| r.max_epsilon_spent)),
+                num(cell.endpoint.map(|e| e.mean)),
+                num(cell.endpoint.and_then(|e| e.ci95_half_width)),
+                cell.endpoint.map_or(0, |e| e.n).to_string(),
+                cell.endpoint_window(),
             ])
             .with_context(|| format!("writing {}", path.display()))?;
         }
@@ -733,6 +783,7 @@ mod tests {
             delta: Some(1e-5),
             seed,
             final_accuracy: acc,
+            endpoint: fedsvd::study::endpoint([(1, acc - 0.1), (2, acc)], 5),
             majority_accuracy: Some(0.5),
             max_epsilon_spent: epsilon.map(|e| e * 0.99),
             bytes_per_round: Some(1000.0 * seed as f64),
@@ -781,7 +832,10 @@ mod tests {
         let panels = group(vec![run("fedsvd", None, 4, 0.71234)]);
         let md = markdown(&panels, 1, &[], &BTreeSet::new());
         assert!(md.contains("## ε = ∞ (non-private)"), "{md}");
-        assert!(md.contains("| FedSVD | 1 (4) | 71.23 (n=1) |"), "{md}");
+        assert!(
+            md.contains("| FedSVD | 1 (4) | 71.23 (n=1) | 66.23 (n=1) (2) |"),
+            "{md}"
+        );
         let row = md.lines().find(|l| l.starts_with("| FedSVD")).unwrap();
         assert!(!row.contains('±'), "{row}");
     }

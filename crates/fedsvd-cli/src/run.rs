@@ -220,13 +220,50 @@ fn print_summary(runner: &Runner, s: &RunSummary, export: Option<&Path>) {
         .wall_seconds
         .map(|w| format!("; {w:.0}s"))
         .unwrap_or_default();
-    println!(
-        "{}: accuracy {:.4} (majority class {:.4}) after {} rounds; {eps}{wall}",
-        s.method, s.final_accuracy, s.majority_accuracy, s.completed_rounds
-    );
+    println!("{}; {eps}{wall}", headline(s));
     println!("run folder: {}", runner.dir().display());
     if let Some(dir) = export {
         println!("exported model: {}", dir.display());
+    }
+}
+
+/// The result line: the steadier endpoint (mean over the last evaluated
+/// rounds, saying which), then the last round's accuracy and the majority
+/// class.
+pub fn headline(s: &RunSummary) -> String {
+    let endpoint = match s.endpoint_accuracy {
+        Some(acc) => format!(
+            "accuracy {acc:.4} (mean of the last {} evaluated round{}: {}), last round {:.4}",
+            s.endpoint_rounds.len(),
+            if s.endpoint_rounds.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            rounds_label(&s.endpoint_rounds),
+            s.final_accuracy
+        ),
+        None => format!("last-round accuracy {:.4}", s.final_accuracy),
+    };
+    format!(
+        "{}: {endpoint}; majority class {:.4}; {} rounds",
+        s.method, s.majority_accuracy, s.completed_rounds
+    )
+}
+
+/// `26–30` for consecutive rounds, else the rounds listed.
+pub fn rounds_label(rounds: &[usize]) -> String {
+    match rounds {
+        [] => "none".to_string(),
+        [one] => one.to_string(),
+        [first, .., last] if rounds.windows(2).all(|w| w[1] == w[0] + 1) => {
+            format!("{first}–{last}")
+        }
+        _ => rounds
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -298,6 +335,14 @@ mod tests {
         assert_eq!(utc_stamp(951_827_696), "20000229-123456");
         // 2026-11-26 16:38:37 UTC.
         assert_eq!(utc_stamp(1_795_711_117), "20261126-163837");
+    }
+
+    #[test]
+    fn round_lists_compress_consecutive_runs_only() {
+        assert_eq!(rounds_label(&[26, 27, 28, 29, 30]), "26–30");
+        assert_eq!(rounds_label(&[10, 15, 20, 25, 30]), "10, 15, 20, 25, 30");
+        assert_eq!(rounds_label(&[6]), "6");
+        assert_eq!(rounds_label(&[]), "none");
     }
 
     #[test]
