@@ -8,10 +8,15 @@
 
 use std::hint::black_box;
 
-use fedsvd_bench_gate::{Prepared, prepare_or_exit};
+use fedsvd_bench_gate::{DeterministicAlloc, Prepared, prepare_or_exit};
 use gungraun::{
     Callgrind, EventKind, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
 };
+
+// glibc's malloc made the counts depend on the heap's history and the
+// blocks' alignment (see `fedsvd_bench_gate::DeterministicAlloc`).
+#[global_allocator]
+static ALLOCATOR: DeterministicAlloc = DeterministicAlloc::new();
 
 #[library_benchmark]
 #[bench::dp_prv_epsilon(args = ("dp_prv_epsilon"), setup = prepare_or_exit)]

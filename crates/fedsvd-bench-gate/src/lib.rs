@@ -1,10 +1,12 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod alloc;
 mod workloads;
 
 use std::cell::OnceCell;
 
+pub use alloc::{DeterministicAlloc, GRANULE};
 pub use workloads::WORKLOADS;
 
 /// Everything that can go wrong while preparing or running a workload.
