@@ -42,6 +42,14 @@ pub struct RunArgs {
     /// used and every other option is refused.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "method", "sets"])]
     pub resume: Option<PathBuf>,
+    /// Where to compute: auto (a usable CUDA device when the method runs
+    /// there, else the CPU), cpu or cuda (the key model.device).
+    #[arg(long, value_name = "DEVICE", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: Option<String>,
+    /// GEMM precision of the frozen encoder on a GPU: f32, tf32 or bf16 (the
+    /// key model.precision).
+    #[arg(long, value_name = "P", value_parser = ["f32", "tf32", "bf16"], conflicts_with = "resume")]
+    pub precision: Option<String>,
     /// Print the resolved configuration as JSON and exit without running.
     #[arg(long)]
     pub print_config: bool,
@@ -52,11 +60,16 @@ pub struct RunArgs {
 
 /// Runs `fedsvd run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let sets = device_sets(
+        &args.sets,
+        args.device.as_deref(),
+        args.precision.as_deref(),
+    );
     let options = ConfigOptions {
         preset: Some(args.preset),
         file: args.config.as_deref(),
         method: args.method.as_deref(),
-        sets: &args.sets,
+        sets: &sets,
     };
     if args.print_config {
         // Checked first, so a printed config is always a valid one.
@@ -70,7 +83,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let assets = crate::assets::ensure_default()?;
     let mut runner = match &args.resume {
         Some(dir) => {
-            let runner = Runner::resume(dir, &assets)
+            let runner = Runner::resume_on(dir, &assets, args.device.as_deref())
                 .with_context(|| format!("resuming the run in {}", dir.display()))?;
             if !args.quiet {
                 eprintln!(
@@ -106,9 +119,52 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--set` overrides with `--device` and `--precision` appended (so they
+/// win over a config file, as `--set` does).
+pub fn device_sets(sets: &[String], device: Option<&str>, precision: Option<&str>) -> Vec<String> {
+    let mut all = sets.to_vec();
+    if let Some(d) = device {
+        all.push(format!("model.device={d:?}"));
+    }
+    if let Some(p) = precision {
+        all.push(format!("model.precision={p:?}"));
+    }
+    all
+}
+
+/// The line that says which device computes, and why when `auto` chose the
+/// CPU.
+pub fn device_line(runner: &Runner) -> String {
+    let d = runner.device();
+    let mut line = format!("device: {}", d.device.name);
+    if let Some(driver) = &d.device.driver {
+        line.push_str(&format!(", CUDA driver {driver}"));
+    }
+    if d.device.kind != "cpu" {
+        line.push_str(&format!(", {} GEMMs", d.device.precision));
+    }
+    if let Some(why) = &d.fallback_reason {
+        line.push_str(&format!(
+            " (asked for {}; the CPU because {why})",
+            d.requested
+        ));
+    }
+    if let Some(before) = runner.previous_device() {
+        line.push_str(&format!(
+            "\nresumed on another device than the interrupted process ({}): seeded runs are \
+             bit-reproducible per device kind, not across CPU and GPU",
+            before.name
+        ));
+    }
+    line
+}
+
 /// Runs the remaining rounds of `runner` with progress output and writes the
 /// summary.
 pub fn drive(runner: &mut Runner, quiet: bool) -> anyhow::Result<RunSummary> {
+    if !quiet {
+        eprintln!("{}", device_line(runner));
+    }
     let rounds = runner.config().federation.rounds as u64;
     let done = runner.history().len() as u64;
     let privacy = runner.config().federation.privacy;

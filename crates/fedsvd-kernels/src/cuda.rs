@@ -152,21 +152,7 @@ impl CudaBackend {
     /// installed, cuBLAS. Returns [`Error::NoDevice`] instead of panicking
     /// when there is no usable device.
     pub fn new(ordinal: usize) -> Result<Self> {
-        match probe() {
-            DeviceProbe::Devices(n) if ordinal < n => {}
-            DeviceProbe::Devices(n) => {
-                return Err(Error::NoDevice(format!(
-                    "device {ordinal} requested, {n} present"
-                )));
-            }
-            DeviceProbe::NoDriver => {
-                return Err(Error::NoDevice("libcuda is not installed".into()));
-            }
-            DeviceProbe::NoDevice => {
-                return Err(Error::NoDevice("the driver reports no device".into()));
-            }
-            DeviceProbe::Failed(m) => return Err(Error::NoDevice(m)),
-        }
+        crate::loader::CudaEnvironment::observe().check_kernels(ordinal)?;
         let ctx = catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::NoDevice("creating the CUDA context panicked".into()))?
             .map_err(drv("create context"))?;

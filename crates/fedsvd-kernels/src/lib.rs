@@ -17,6 +17,7 @@ mod error;
 pub mod layers;
 pub mod layers_cpu;
 mod layers_cuda;
+pub mod loader;
 pub mod philox;
 pub mod ptx;
 mod types;
@@ -25,6 +26,7 @@ pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, DeviceProbe, GradAlgo, probe};
 pub use elementwise::Elementwise;
 pub use error::{Error, Result};
+pub use loader::{CudaEnvironment, REQUIRED_DRIVER_VERSION};
 pub use layers::{
     AttnShape, BatchStrides, DropoutSpec, Embeddings, GemmSpec, LayerKernels, Precision,
 };

@@ -79,6 +79,10 @@ pub enum Error {
     /// A batch is malformed (inconsistent lengths, ids out of range, ...).
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// The compute device (CUDA driver, cuBLAS, kernels) failed or is
+    /// missing; the message names the operation and the reason.
+    #[error("compute device: {0}")]
+    Device(String),
     /// An invalid LoRA, head or training option.
     #[error("invalid option: {0}")]
     InvalidOption(String),

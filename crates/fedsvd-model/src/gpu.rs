@@ -38,9 +38,7 @@ pub fn cuda_available() -> bool {
 }
 
 fn kerr(e: fedsvd_kernels::Error) -> Error {
-    // fedsvd-model has no device variant yet; the message names the
-    // operation and the backend's reason.
-    Error::UnsupportedConfig(format!("compute backend: {e}"))
+    Error::Device(e.to_string())
 }
 
 /// What one gradient step returns to the host.
@@ -201,6 +199,9 @@ struct DevState {
     adapters: Vec<DevAdapter>,
     head_w: Buffer,
     head_b: Buffer,
+    /// Offsets of the classifier's weight and bias in the layout, when the
+    /// head trains.
+    head_slots: Option<(usize, usize)>,
     layout: ParamLayout,
 }
 
@@ -305,6 +306,9 @@ pub struct GpuModel {
     /// Device memory in use when the model started uploading (the CUDA
     /// context, cuBLAS and anything else already there).
     mem_base: Option<usize>,
+    /// The host copy of the state on the device, so an unchanged state is
+    /// not uploaded again.
+    uploaded: Option<LoraState>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -339,9 +343,10 @@ fn dropout_spec(p: f32, seed: u64, stream: usize) -> DropoutSpec {
 }
 
 impl GpuModel {
-    /// Uploads the frozen encoder of `weights` to `backend`. Only `B`
-    /// factors train here: `train_a` and `train_head` must be off and
-    /// `train_b` on (other configurations are an [`Error::UnsupportedConfig`]).
+    /// Uploads the frozen encoder of `weights` to `backend`. The `B`
+    /// factors train, and the classifier head when `train_head` is on;
+    /// `train_a` must be off and `train_b` on (other configurations are an
+    /// [`Error::UnsupportedConfig`]).
     /// GEMMs of the encoder run at `precision`; the LoRA products, the
     /// head and the per-example gradients always in f32.
     pub fn new(
@@ -351,10 +356,10 @@ impl GpuModel {
         head: HeadConfig,
         precision: Precision,
     ) -> Result<Self> {
-        if lora.train_a || lora.train_head || !lora.train_b {
+        if lora.train_a || !lora.train_b {
             return Err(Error::UnsupportedConfig(
-                "the GPU step trains the LoRA B factors only (train_a and train_head off, \
-                 train_b on)"
+                "the GPU step trains the LoRA B factors (and the head), not A: methods that \
+                 train A (FedAvg-LoRA, FLoRA, FedEx-LoRA) run on the CPU"
                     .into(),
             ));
         }
@@ -420,6 +425,7 @@ impl GpuModel {
             state_bytes: 0,
             ws: None,
             mem_base,
+            uploaded: None,
         })
     }
 
@@ -431,6 +437,9 @@ impl GpuModel {
         head: HeadConfig,
         precision: Precision,
     ) -> Result<Self> {
+        fedsvd_kernels::CudaEnvironment::observe()
+            .check_training(0)
+            .map_err(kerr)?;
         let be = Backend::cuda(0).map_err(kerr)?;
         Self::new(be, weights, lora, head, precision)
     }
@@ -444,6 +453,19 @@ impl GpuModel {
         precision: Precision,
     ) -> Result<Self> {
         Self::new(Backend::cpu(), weights, lora, head, precision)
+    }
+
+    /// Whether the backend is a CUDA device (not the CPU reference).
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.be, Backend::Cuda(_))
+    }
+
+    /// Uploads `state` unless it is the state uploaded last.
+    pub fn sync_state(&mut self, state: &LoraState) -> Result<()> {
+        if self.uploaded.as_ref() == Some(state) {
+            return Ok(());
+        }
+        self.set_state(state)
     }
 
     /// The backend's name.
@@ -511,13 +533,23 @@ impl GpuModel {
         }
         let head_w = up(&self.be, &state.head_weight, &mut bytes)?;
         let head_b = up(&self.be, &state.head_bias, &mut bytes)?;
+        let slot = |kind: ParamKind| {
+            layout
+                .slots
+                .iter()
+                .find(|s| s.kind == kind)
+                .map(|s| s.offset)
+        };
+        let head_slots = slot(ParamKind::HeadWeight).zip(slot(ParamKind::HeadBias));
         self.state = Some(DevState {
             adapters,
             head_w,
             head_b,
+            head_slots,
             layout,
         });
         self.state_bytes = bytes;
+        self.uploaded = Some(state.clone());
         Ok(())
     }
 
@@ -1618,6 +1650,43 @@ impl GpuModel {
         let st = self.state.as_ref().ok_or_else(no_state)?;
         let h = self.dims().h;
         let classes = self.model.head_config().num_labels;
+        if let Some((w_slot, b_slot)) = st.head_slots {
+            let p = st.layout.len;
+            // Per example: dW_i = dlogits_iᵀ pooled_i ([classes, h]) and
+            // db_i = dlogits_i, into example i's row of the gradients.
+            gemm(
+                be,
+                Precision::F32,
+                (classes, h, 1),
+                bsz,
+                1.0,
+                mat(&ws.dlogits, 1).every(classes),
+                mat(&ws.pooled, h).every(h),
+                0.0,
+                Out {
+                    buf: &mut ws.grads,
+                    ld: h,
+                    off: w_slot,
+                    stride: p,
+                },
+            )?;
+            gemm(
+                be,
+                Precision::F32,
+                (1, classes, 1),
+                bsz,
+                1.0,
+                mat(&ws.ones, 1),
+                mat(&ws.dlogits, classes).every(classes),
+                0.0,
+                Out {
+                    buf: &mut ws.grads,
+                    ld: classes,
+                    off: b_slot,
+                    stride: p,
+                },
+            )?;
+        }
         gemm(
             be,
             Precision::F32,

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod engine;
 mod error;
 pub mod gpu;
 mod grad;
@@ -16,6 +17,7 @@ mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::BertConfig;
+pub use engine::{ComputeEngine, CpuEngine, DeviceInfo, StepSums, precision_name};
 pub use error::{Error, Result};
 pub use gpu::{GpuGradients, GpuModel};
 pub use grad::Gradients;

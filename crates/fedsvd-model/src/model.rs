@@ -1492,31 +1492,13 @@ impl Model {
     where
         I: IntoIterator<Item = (&'a Batch, &'a [usize])>,
     {
-        let k = self.head.num_labels;
-        let (mut loss, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut scores = crate::engine::Scores::default();
         for (batch, labels) in batches {
             self.check_labels(batch, labels)?;
             let logits = self.logits(state, batch)?;
-            for (z, &y) in logits.chunks_exact(k).zip(labels) {
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max as f64 + z.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln();
-                loss += lse - z[y] as f64;
-                let arg = z
-                    .iter()
-                    .enumerate()
-                    .fold(0, |best, (j, v)| if *v > z[best] { j } else { best });
-                correct += usize::from(arg == y);
-                seen += 1;
-            }
+            scores.add(&logits, labels, self.head.num_labels)?;
         }
-        if seen == 0 {
-            return Err(Error::InvalidBatch("evaluation set is empty".into()));
-        }
-        Ok(EvalMetrics {
-            loss: loss / seen as f64,
-            accuracy: correct as f64 / seen as f64,
-            examples: seen,
-        })
+        scores.finish()
     }
 }
 

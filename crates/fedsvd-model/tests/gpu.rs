@@ -96,6 +96,7 @@ struct Case {
     dropout: f32,
     examples: usize,
     max_len: usize,
+    train_head: bool,
 }
 
 /// Runs one case on `be` and compares with the CPU model; `tol` is the
@@ -108,7 +109,7 @@ fn compare(be: Backend, weights: &Arc<BertWeights>, case: &Case, tol: f64) {
         targets: case.targets.clone(),
         train_a: false,
         train_b: true,
-        train_head: false,
+        train_head: case.train_head,
     };
     let head = HeadConfig {
         num_labels: 3,
@@ -171,6 +172,16 @@ fn tiny_cases() -> Vec<Case> {
                 dropout,
                 examples: 5,
                 max_len: 12,
+                train_head: false,
+            });
+            // The head trains too (the default preset's configuration).
+            v.push(Case {
+                targets: vec![Target::Query, Target::Value],
+                pooling,
+                dropout,
+                examples: 6,
+                max_len: 10,
+                train_head: true,
             });
             v.push(Case {
                 targets: Target::ALL.to_vec(),
@@ -178,6 +189,7 @@ fn tiny_cases() -> Vec<Case> {
                 dropout,
                 examples: 4,
                 max_len: 9,
+                train_head: false,
             });
         }
     }
@@ -203,6 +215,7 @@ fn cpu_backend_minilm_shape_step_matches_cpu_model() {
         dropout: 0.1,
         examples: 3,
         max_len: 24,
+        train_head: true,
     };
     compare(Backend::cpu(), &w, &case, 1e-4);
 }
@@ -257,7 +270,9 @@ fn gpu_minilm_shape_step_matches_cpu_model() {
         return;
     };
     let w = random_weights(&minilm_shape()).unwrap();
-    for (pooling, dropout) in [(Pooling::ClsPooler, 0.0), (Pooling::Mean, 0.1)] {
+    for (pooling, dropout, train_head) in
+        [(Pooling::ClsPooler, 0.0, false), (Pooling::Mean, 0.1, true)]
+    {
         let be = cuda_or_skip("gpu_minilm_shape_step_matches_cpu_model").unwrap();
         let case = Case {
             targets: vec![Target::Query, Target::Value],
@@ -265,6 +280,7 @@ fn gpu_minilm_shape_step_matches_cpu_model() {
             dropout,
             examples: 6,
             max_len: 40,
+            train_head,
         };
         compare(be, &w, &case, 1e-4);
     }

@@ -1,7 +1,7 @@
 //! A client's local training: DP-SGD exactly as method.md §5, or plain SGD.
 
 use fedsvd_dp::GaussianNoise;
-use fedsvd_model::{Batch, LoraState, Model};
+use fedsvd_model::{Batch, ComputeEngine, CpuEngine, LoraState, Model};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
@@ -328,8 +328,23 @@ pub fn train_locally_instrumented(
     streams: &mut ClientStreams,
     extra: &Instrumentation<'_>,
 ) -> Result<LocalReport> {
+    train_locally_on(&mut CpuEngine(model), state, data, training, streams, extra)
+}
+
+/// [`train_locally_instrumented`] on any compute device: the per-example
+/// gradients, their norms and the clipped sum come from `engine` (the CPU
+/// model, or the GPU step of `fedsvd-model`); sampling, canaries, the noise
+/// release and the update are the same code for every device, on the host.
+pub fn train_locally_on(
+    engine: &mut dyn ComputeEngine,
+    state: &mut LoraState,
+    data: &ClientData,
+    training: &LocalTraining,
+    streams: &mut ClientStreams,
+    extra: &Instrumentation<'_>,
+) -> Result<LocalReport> {
     training.validate()?;
-    let layout = model.layout(state);
+    let layout = engine.model().layout(state);
     let q = training.sample_rate(data.len());
     let canaries = extra.canaries;
     if let Some(c) = canaries {
@@ -381,18 +396,23 @@ pub fn train_locally_instrumented(
         for chunk in chosen.chunks(training.physical_batch) {
             let (batch, labels) = data.batch(chunk)?;
             let dropout_seed = streams.sampling.random::<u64>();
-            let grads = model.gradients(state, &batch, &labels, Some(dropout_seed))?;
-            loss_sum += grads.losses().iter().map(|&l| f64::from(l)).sum::<f64>();
-            let sum = match training.privatization {
-                Privatization::DpSgd { .. } if extra.clipping_disabled() => grads.sum(),
-                Privatization::DpSgd { clip, .. } => {
-                    let (sum, norms) = grads.clipped_sum(clip)?;
-                    clipped += norms.iter().filter(|&&n| n > clip).count();
-                    sum
-                }
-                Privatization::NonPrivate { .. } => grads.sum(),
+            let clip = match training.privatization {
+                Privatization::DpSgd { clip, .. } if !extra.clipping_disabled() => Some(clip),
+                _ => None,
             };
-            for (d, g) in direction.iter_mut().zip(sum) {
+            let sums = engine.step_sums(state, &batch, &labels, clip, Some(dropout_seed))?;
+            loss_sum += sums.losses.iter().map(|&l| f64::from(l)).sum::<f64>();
+            if let Some(c) = clip {
+                clipped += sums.norms.iter().filter(|&&n| n > c).count();
+            }
+            if sums.sum.len() != layout.len {
+                return Err(Error::Model(fedsvd_model::Error::LengthMismatch {
+                    what: "gradient sum from the compute device".into(),
+                    expected: layout.len,
+                    found: sums.sum.len(),
+                }));
+            }
+            for (d, g) in direction.iter_mut().zip(sums.sum) {
                 *d += g;
             }
         }

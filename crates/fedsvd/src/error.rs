@@ -39,6 +39,14 @@ pub enum Error {
         /// What is allowed.
         allowed: &'static str,
     },
+    /// The requested compute device cannot run this configuration.
+    #[error("device {requested}: {reason}")]
+    Device {
+        /// The device asked for.
+        requested: &'static str,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The model rejected an input or failed.
     #[error("model: {0}")]
     Model(#[from] fedsvd_model::Error),

@@ -1,11 +1,14 @@
 //! The server loop: sampling, local training, aggregation, the strategy's
 //! rule, privacy ledgers and evaluation (method.md §2).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fedsvd_dp::{Accountant, AccountantKind, HistoryEntry, PrivacyLedger, calibrate_noise};
-use fedsvd_model::{Batch, BertWeights, HeadConfig, LoraConfig, LoraState, Model, Target};
+use fedsvd_model::{
+    Batch, BertWeights, ComputeEngine, CpuEngine, DeviceInfo, GpuModel, HeadConfig, LoraConfig,
+    LoraState, Model, Target,
+};
 use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -14,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::{ClientUpdate, GlobalState, ModuleAdapter};
 use crate::client::{
-    ClientData, ClientStreams, LocalReport, LocalTraining, Privatization, train_locally,
+    ClientData, ClientStreams, Instrumentation, LocalReport, LocalTraining, Privatization,
+    train_locally_on,
 };
 use crate::error::{Error, Result};
 use crate::sampling::sample_clients;
@@ -245,6 +249,10 @@ pub struct Federation {
     privacy: Vec<ClientPrivacy>,
     next_round: usize,
     os_entropy: bool,
+    /// The GPU engine when the run computes on one (`None`: the CPU). It
+    /// holds the frozen weights uploaded once and serves every client in
+    /// turn.
+    gpu: Option<Mutex<GpuModel>>,
 }
 
 /// The state that makes a federation resumable: everything that changes
@@ -317,7 +325,57 @@ impl Federation {
             privacy,
             next_round: 0,
             os_entropy,
+            gpu: None,
         })
+    }
+
+    /// Moves training and evaluation to `choice` (see
+    /// [`crate::DeviceChoice`]); returns what computes and, when `auto`
+    /// chose the CPU, why. `precision` applies on a GPU.
+    pub fn set_device(
+        &mut self,
+        choice: crate::DeviceChoice,
+        precision: crate::PrecisionChoice,
+    ) -> Result<crate::ResolvedDevice> {
+        let (gpu, fallback_reason) =
+            crate::device::resolve_gpu(choice, self.strategy.trains_a(), || {
+                GpuModel::cuda(
+                    Arc::clone(self.model.weights()),
+                    self.model.lora_config().clone(),
+                    *self.model.head_config(),
+                    precision.precision(),
+                )
+            })?;
+        self.gpu = gpu.map(Mutex::new);
+        Ok(crate::ResolvedDevice {
+            requested: choice,
+            device: self.device(),
+            fallback_reason,
+        })
+    }
+
+    /// The device that trains and evaluates.
+    pub fn device(&self) -> DeviceInfo {
+        match &self.gpu {
+            Some(gpu) => match gpu.lock() {
+                Ok(g) => g.device(),
+                Err(p) => p.into_inner().device(),
+            },
+            None => CpuEngine(&self.model).device(),
+        }
+    }
+
+    /// Runs `f` on the run's compute engine.
+    fn with_engine<T>(&self, f: impl FnOnce(&mut dyn ComputeEngine) -> Result<T>) -> Result<T> {
+        match &self.gpu {
+            Some(gpu) => {
+                // A panic while holding the lock leaves nothing half-written
+                // on the host: the engine's state is re-uploaded per call.
+                let mut g = gpu.lock().unwrap_or_else(|p| p.into_inner());
+                f(&mut *g)
+            }
+            None => f(&mut CpuEngine(&self.model)),
+        }
     }
 
     /// The configuration.
@@ -413,9 +471,9 @@ impl Federation {
             .chunks(self.config.training.physical_batch_size.max(1))
             .map(|chunk| self.test.batch(chunk))
             .collect::<Result<Vec<(Batch, Vec<usize>)>>>()?;
-        Ok(self
-            .model
-            .evaluate(&lora, batches.iter().map(|(b, l)| (b, l.as_slice())))?)
+        self.with_engine(|engine| {
+            Ok(engine.evaluate(&lora, &mut batches.iter().map(|(b, l)| (b, l.as_slice())))?)
+        })
     }
 
     /// Runs the next round and returns its metrics.
@@ -456,10 +514,18 @@ impl Federation {
         }
 
         let global = self.global_lora()?;
-        let results: Vec<Result<(ClientUpdate, LocalReport)>> = eligible
-            .par_iter()
-            .map(|&k| self.train_client(k, round, &global))
-            .collect();
+        // On the CPU, clients train in parallel; one GPU serves them in turn.
+        let results: Vec<Result<(ClientUpdate, LocalReport)>> = if self.gpu.is_some() {
+            eligible
+                .iter()
+                .map(|&k| self.train_client(k, round, &global))
+                .collect()
+        } else {
+            eligible
+                .par_iter()
+                .map(|&k| self.train_client(k, round, &global))
+                .collect()
+        };
         let mut updates = Vec::with_capacity(results.len());
         let mut reports = Vec::with_capacity(results.len());
         for result in results {
@@ -618,13 +684,16 @@ impl Federation {
             ClientStreams::from_seed(seed)
         };
         let training = self.config.local_training(self.privacy[k].noise_multiplier);
-        let report = train_locally(
-            &self.model,
-            &mut lora,
-            &self.clients[k],
-            &training,
-            &mut streams,
-        )?;
+        let report = self.with_engine(|engine| {
+            train_locally_on(
+                engine,
+                &mut lora,
+                &self.clients[k],
+                &training,
+                &mut streams,
+                &Instrumentation::default(),
+            )
+        })?;
         let update = update_from_lora(
             &lora,
             self.clients[k].len(),

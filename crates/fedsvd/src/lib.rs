@@ -12,6 +12,7 @@ pub mod adapters;
 pub mod audit;
 pub mod bench;
 pub mod client;
+pub mod device;
 pub mod error;
 pub mod federation;
 pub mod run;
@@ -27,8 +28,9 @@ pub use audit::{AuditConfig, AuditReport, CanaryMode, audit_client, audit_run};
 pub use client::Fault;
 pub use client::{
     ClientData, ClientStreams, GradientCanaries, Instrumentation, LocalReport, LocalTraining,
-    Privatization, private_direction, train_locally, train_locally_instrumented,
+    Privatization, private_direction, train_locally, train_locally_instrumented, train_locally_on,
 };
+pub use device::{DeviceChoice, PrecisionChoice, ResolvedDevice};
 pub use error::{Error, Result};
 pub use federation::{
     BudgetRule, ClientPrivacy, Federation, FederationCheckpoint, FederationConfig, PrivacyConfig,

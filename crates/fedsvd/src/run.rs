@@ -13,6 +13,7 @@ use fedsvd_model::{BertWeights, HeadConfig, LoraConfig, Pooling, Target, Tokeniz
 use serde::{Deserialize, Serialize};
 
 use crate::client::ClientData;
+use crate::device::{DeviceChoice, PrecisionChoice};
 use crate::error::{Error, Result};
 use crate::federation::FederationConfig;
 
@@ -42,6 +43,15 @@ pub struct ModelConfig {
     /// Longest input in tokens ([CLS] and [SEP] included); longer texts are
     /// truncated.
     pub max_len: usize,
+    /// Where training and evaluation compute: `auto` (a CUDA device when
+    /// one is usable and the method runs there, else the CPU), `cpu` or
+    /// `cuda`. The device actually used is in `summary.json`.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// GEMM precision of the frozen encoder on a GPU: `f32` (the
+    /// reference), `tf32` or `bf16`. The CPU computes in f32.
+    #[serde(default)]
+    pub precision: PrecisionChoice,
 }
 
 /// A user's own table of examples.

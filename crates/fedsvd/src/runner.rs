@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::client::ClientData;
+use crate::device::ResolvedDevice;
 use crate::error::{Error, Result};
 use crate::federation::{Federation, FederationCheckpoint, RoundMetrics};
 use crate::run::{PreparedData, RunConfig, load_weights, prepare_data};
@@ -43,6 +44,8 @@ pub mod files {
     pub const CHECKPOINT: &str = "checkpoint.json";
     /// Final results.
     pub const SUMMARY: &str = "summary.json";
+    /// The compute device of the last process that ran rounds.
+    pub const DEVICE: &str = "device.json";
 }
 
 /// What a finished run reports (`summary.json`).
@@ -105,6 +108,10 @@ pub struct RunSummary {
     /// Sum of the rounds' wall times, seconds (`null` when unprotected
     /// statistics are withheld).
     pub wall_seconds: Option<f64>,
+    /// The device that computed the last rounds (absent from summaries
+    /// written before devices existed).
+    #[serde(default)]
+    pub device: Option<fedsvd_model::DeviceInfo>,
 }
 
 fn yes() -> bool {
@@ -136,6 +143,8 @@ pub struct Runner {
     label_names: Vec<String>,
     majority_accuracy: f64,
     history: Vec<RoundMetrics>,
+    device: ResolvedDevice,
+    previous_device: Option<fedsvd_model::DeviceInfo>,
 }
 
 impl Runner {
@@ -149,9 +158,11 @@ impl Runner {
                 dir: dir.to_path_buf(),
             });
         }
-        let (federation, data) = build(&config, assets_dir)?;
+        let (mut federation, data) = build(&config, assets_dir)?;
+        let device = federation.set_device(config.model.device, config.model.precision)?;
         fs::create_dir_all(dir).map_err(|e| Error::io("creating the run folder", dir, e))?;
         write_json_atomic(&dir.join(files::CONFIG), &config)?;
+        write_json_atomic(&dir.join(files::DEVICE), &device)?;
         write_data_record(dir, &config, &data)?;
         let metrics = dir.join(files::METRICS);
         File::create(&metrics).map_err(|e| Error::io("creating", &metrics, e))?;
@@ -162,6 +173,8 @@ impl Runner {
             federation,
             label_names: data.label_names,
             history: Vec::new(),
+            device,
+            previous_device: None,
         })
     }
 
@@ -169,6 +182,13 @@ impl Runner {
     /// when no round had finished). A seeded run then produces exactly the
     /// metrics an uninterrupted run would (wall times aside).
     pub fn resume(dir: &Path, assets_dir: &Path) -> Result<Self> {
+        Self::resume_on(dir, assets_dir, None)
+    }
+
+    /// [`Runner::resume`] on `device` (`auto`, `cpu` or `cuda`) instead of
+    /// the configured `model.device`, for this process only: `config.json`
+    /// keeps what the run asked for.
+    pub fn resume_on(dir: &Path, assets_dir: &Path, device: Option<&str>) -> Result<Self> {
         let config_path = dir.join(files::CONFIG);
         if !config_path.is_file() {
             return Err(Error::NotARun {
@@ -178,6 +198,17 @@ impl Runner {
         let config: RunConfig = read_json(&config_path)?;
         config.validate()?;
         let (mut federation, data) = build(&config, assets_dir)?;
+        let choice = match device {
+            Some(d) => d.parse()?,
+            None => config.model.device,
+        };
+        let device = federation.set_device(choice, config.model.precision)?;
+        let device_path = dir.join(files::DEVICE);
+        // A record that cannot be read only costs the "other device" notice.
+        let previous_device = read_json::<ResolvedDevice>(&device_path)
+            .ok()
+            .map(|d| d.device)
+            .filter(|d| d.kind != device.device.kind || d.name != device.device.name);
         let checkpoint_path = dir.join(files::CHECKPOINT);
         let rounds_done = if checkpoint_path.is_file() {
             federation.restore(read_checkpoint(&checkpoint_path)?)?;
@@ -207,6 +238,7 @@ impl Runner {
             write_data_record(dir, &config, &data)?;
         }
         rewrite_metrics(&metrics_path, &history)?;
+        write_json_atomic(&device_path, &device)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             majority_accuracy: majority(&config, &data),
@@ -214,7 +246,20 @@ impl Runner {
             federation,
             label_names: data.label_names,
             history,
+            device,
+            previous_device,
         })
+    }
+
+    /// The device that computes, as asked for and as resolved.
+    pub fn device(&self) -> &ResolvedDevice {
+        &self.device
+    }
+
+    /// On a resume, the device of the interrupted process when it was
+    /// another one (seeded runs are bit-reproducible per device kind only).
+    pub fn previous_device(&self) -> Option<&fedsvd_model::DeviceInfo> {
+        self.previous_device.as_ref()
     }
 
     /// The run folder.
@@ -342,6 +387,7 @@ impl Runner {
                 .privacy
                 .report_unprotected
                 .then(|| self.history.iter().filter_map(|m| m.round_seconds).sum()),
+            device: Some(self.device.device.clone()),
         };
         write_json_atomic(&self.dir.join(files::SUMMARY), &summary)?;
         Ok(summary)
