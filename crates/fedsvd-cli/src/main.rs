@@ -18,6 +18,7 @@ mod predict;
 mod privacy;
 mod report;
 mod run;
+mod study;
 
 use std::process::ExitCode;
 
@@ -90,6 +91,9 @@ enum Command {
     /// Results tables (markdown, CSV) and accuracy plots (SVG, PNG) from
     /// finished run folders.
     Report(report::ReportArgs),
+    /// A committed study (grid, results, analysis): rebuild its tables and
+    /// plot from the committed results, or --run its missing runs first.
+    Study(study::StudyArgs),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Report(args) => report::run(args),
+        Command::Study(args) => study::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

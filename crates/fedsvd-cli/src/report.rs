@@ -5,8 +5,8 @@
 //! `metrics.jsonl` gives the accuracy curves. Only the fields used here are
 //! read, so the runner may add fields freely.
 
-mod plot;
-mod stats;
+pub(crate) mod plot;
+pub(crate) mod stats;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -220,6 +220,8 @@ struct SummaryFile {
     mean_server_seconds: Option<f64>,
     #[serde(default)]
     dataset: Option<String>,
+    #[serde(default)]
+    wall_seconds: Option<f64>,
 }
 
 /// The fields of one `metrics.jsonl` line a report uses.
@@ -233,25 +235,27 @@ struct MetricsLine {
 /// One finished run as the report sees it.
 #[derive(Debug, Clone)]
 pub(crate) struct Run {
-    dir: PathBuf,
-    method: String,
-    epsilon: Option<f64>,
-    delta: Option<f64>,
-    seed: u64,
-    final_accuracy: f64,
+    pub(crate) dir: PathBuf,
+    pub(crate) method: String,
+    pub(crate) epsilon: Option<f64>,
+    pub(crate) delta: Option<f64>,
+    pub(crate) seed: u64,
+    pub(crate) final_accuracy: f64,
     /// Mean accuracy over the last evaluated rounds (from the curve).
-    endpoint: Option<fedsvd::Endpoint>,
-    majority_accuracy: Option<f64>,
-    max_epsilon_spent: Option<f64>,
-    bytes_per_round: Option<f64>,
-    server_seconds: Option<f64>,
-    dataset: Option<String>,
+    pub(crate) endpoint: Option<fedsvd::Endpoint>,
+    pub(crate) majority_accuracy: Option<f64>,
+    pub(crate) max_epsilon_spent: Option<f64>,
+    pub(crate) bytes_per_round: Option<f64>,
+    pub(crate) server_seconds: Option<f64>,
+    pub(crate) dataset: Option<String>,
+    /// Sum of the rounds' wall times, seconds.
+    pub(crate) wall_seconds: Option<f64>,
     /// (round, eval accuracy) for the rounds that were evaluated, by round.
-    curve: Vec<(u32, f64)>,
+    pub(crate) curve: Vec<(u32, f64)>,
 }
 
 /// Reads a finished run folder; `Ok(None)` when it is unfinished.
-fn load_run(dir: &Path) -> anyhow::Result<Option<Run>> {
+pub(crate) fn load_run(dir: &Path) -> anyhow::Result<Option<Run>> {
     let summary_path = dir.join("summary.json");
     if !summary_path.is_file() {
         return Ok(None);
@@ -286,6 +290,7 @@ fn load_run(dir: &Path) -> anyhow::Result<Option<Run>> {
         bytes_per_round: s.mean_bytes_uploaded_per_round,
         server_seconds: s.mean_server_seconds,
         dataset: s.dataset,
+        wall_seconds: s.wall_seconds,
         curve,
     }))
 }
@@ -479,7 +484,7 @@ impl Panel {
 type MethodRuns = BTreeMap<(usize, String), Vec<Run>>;
 
 /// Groups runs by ε (ascending, ∞ last) and method (report order).
-fn group(runs: Vec<Run>) -> Vec<Panel> {
+pub(crate) fn group(runs: Vec<Run>) -> Vec<Panel> {
     let mut by_eps: Vec<(Epsilon, MethodRuns)> = Vec::new();
     for run in runs {
         let eps = Epsilon(run.epsilon);
@@ -789,6 +794,7 @@ mod tests {
             bytes_per_round: Some(1000.0 * seed as f64),
             server_seconds: Some(1e-3),
             dataset: Some("rt".into()),
+            wall_seconds: Some(60.0),
             curve: vec![(1, acc - 0.1), (2, acc)],
         }
     }
