@@ -20,6 +20,7 @@ mod bench_gate;
 mod fuzz;
 mod gpu_bundle;
 mod kernels;
+mod wheel;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -32,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         Some("build-kernels") => kernels::build_kernels(&root, &args[1..]),
         Some("gpu-bundle") => gpu_bundle::gpu_bundle(&root),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("wheel") => wheel::wheel(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -56,6 +58,9 @@ fn print_help() {
     println!("  gpu-bundle    release test and benchmark binaries + gpu/run.sh in gpu-bundle/");
     println!(
         "  fuzz [--seconds N]  every parser fuzz target for N s each (default 10); findings in target/fuzz-findings/"
+    );
+    println!(
+        "  wheel [--test]  the Python package fedsvd into target/wheels/ (maturin in target/wheel-venv); --test: pytest in a fresh venv"
     );
     println!(
         "  bench-gate [--update | --prove]  instruction counts (gungraun/callgrind) vs crates/fedsvd-bench-gate/baseline.json; fails above +5 % (--update: rewrite the baseline; --prove: two fresh clones in different folders must count the same)"
