@@ -2,9 +2,10 @@
 //! (`fedsvd::train_locally`, what `fedsvd run` executes: forward, backward,
 //! per-example clipping, the discrete Gaussian release, SGD update) on MiniLM
 //! with r = 8 LoRA on query/value and only B trainable. With `--device
-//! cuda` the step is the device step of `fedsvd_model::gpu` (the clipped
-//! sum on the GPU, the discrete Gaussian release and the SGD update on the
-//! host), on random weights of the `--shape` size.
+//! cuda` (or `auto` on a machine with a usable GPU) the same step runs on
+//! the GPU engine of `fedsvd_model::gpu` (the clipped sum on the GPU, the
+//! discrete Gaussian release and the SGD update on the host), on random
+//! weights of the `--shape` size.
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -18,6 +19,8 @@ use fedsvd_model::{BertWeights, minilm_dir};
 /// Where the step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Device {
+    /// CUDA when a device is usable, else the CPU.
+    Auto,
     /// The CPU training path (`fedsvd::train_locally`).
     Cpu,
     /// The CUDA step of `fedsvd_model::gpu`.
@@ -64,7 +67,7 @@ pub struct StepArgs {
     #[arg(long)]
     pub json: bool,
     /// Where the step runs.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// GEMM precision (cuda only).
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
@@ -147,7 +150,12 @@ fn run_cuda(args: &StepArgs) -> anyhow::Result<()> {
 }
 
 pub fn run(args: &StepArgs) -> anyhow::Result<()> {
-    if args.device == Device::Cuda {
+    let cuda = match args.device {
+        Device::Cuda => true,
+        Device::Cpu => false,
+        Device::Auto => fedsvd_model::gpu::cuda_available(),
+    };
+    if cuda {
         return run_cuda(args);
     }
     if args.precision != PrecisionArg::F32 {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use fedsvd_model::gpu::Precision;
 use fedsvd_model::peft::{ADAPTER_CONFIG_FILE, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE};
 use fedsvd_model::{
-    AdapterSidecar, BertWeights, HeadConfig, LoraConfig, LoraState, Model, Pooling, Tokenizer,
-    load_merged_checkpoint, load_peft_adapter, minilm_dir,
+    AdapterSidecar, BertWeights, ComputeEngine, CpuEngine, HeadConfig, LoraConfig, LoraState,
+    Model, Pooling, Tokenizer, load_merged_checkpoint, load_peft_adapter, minilm_dir,
 };
 
 /// Texts per forward pass; bounds memory for long input lists.
@@ -42,6 +43,10 @@ pub struct PredictArgs {
     /// [{"text","label","label_index","probabilities","logits","input_ids"},..]}`.
     #[arg(long)]
     pub json: bool,
+    /// Where to compute the logits: auto (a usable CUDA device, else the
+    /// CPU), cpu or cuda.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
     /// The texts to classify.
     #[arg(required = true, value_name = "TEXT")]
     pub texts: Vec<String>,
@@ -145,18 +150,32 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         Some(names) => names,
         None => (0..n).map(|i| format!("LABEL_{i}")).collect(),
     };
-    let model = Model::new(l.weights, l.lora, l.head)?;
+    let model = Model::new(l.weights.clone(), l.lora.clone(), l.head)?;
     model.check_state(&l.state).with_context(|| {
         format!(
             "the adapter in {} does not fit the base model",
             args.adapter.display()
         )
     })?;
+    let choice: fedsvd::DeviceChoice = args.device.parse()?;
+    let (gpu, _) = fedsvd::device::resolve_gpu(choice, false, || {
+        // Inference only: which factors would train does not matter.
+        let lora = LoraConfig {
+            train_a: false,
+            train_b: true,
+            ..l.lora.clone()
+        };
+        fedsvd_model::GpuModel::cuda(l.weights.clone(), lora, l.head, Precision::F32)
+    })?;
+    let mut engine: Box<dyn ComputeEngine + '_> = match gpu {
+        Some(g) => Box::new(g),
+        None => Box::new(CpuEngine(&model)),
+    };
 
     let mut rows = Vec::with_capacity(args.texts.len());
     for chunk in args.texts.chunks(CHUNK) {
         let batch = tokenizer.encode(chunk)?;
-        let logits = model.logits(&l.state, &batch)?;
+        let logits = engine.logits(&l.state, &batch)?;
         for (i, text) in chunk.iter().enumerate() {
             let lg = logits[i * n..(i + 1) * n].to_vec();
             let p = softmax(&lg);

@@ -41,8 +41,9 @@ pub struct DeviceInfo {
     pub precision: String,
 }
 
-/// A compute device for training and evaluation.
-pub trait ComputeEngine {
+/// A compute device for training and evaluation (`Send`: the DP step
+/// draws its noise on another core while the engine computes).
+pub trait ComputeEngine: Send {
     /// The model (weights on the host, options, layouts).
     fn model(&self) -> &Model;
 

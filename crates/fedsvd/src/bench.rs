@@ -1,5 +1,5 @@
 //! The DP-SGD step benchmark behind `fedsvd bench step`: one local step of
-//! [`train_locally`] — exactly what `fedsvd run` executes: forward,
+//! [`crate::train_locally`] — exactly what `fedsvd run` executes: forward,
 //! backward, per-example clipping, the discrete Gaussian release, SGD update
 //! — on a fixed batch of full-length sequences, with r = 8 LoRA on
 //! query/value and only `B` trainable.
@@ -11,16 +11,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedsvd_dp::GaussianNoise;
 use fedsvd_model::gpu::{GpuModel, Precision};
 use fedsvd_model::testing::{random_values, tiny_config};
 use fedsvd_model::{
-    BertConfig, BertWeights, HeadConfig, LayerNorm, LayerWeights, Linear, LoraConfig, Model,
-    Pooling, Target, peak_rss_mib,
+    BertConfig, BertWeights, ComputeEngine, CpuEngine, HeadConfig, LayerNorm, LayerWeights, Linear,
+    LoraConfig, Model, Pooling, Target, peak_rss_mib,
 };
 
 use crate::client::{
-    ClientData, ClientStreams, LocalTraining, Privatization, private_direction, train_locally,
+    ClientData, ClientStreams, Instrumentation, LocalTraining, Privatization, train_locally_on,
 };
 use crate::error::{Error, Result};
 
@@ -111,9 +110,76 @@ fn step_inputs(vocab: usize, batch: usize, seq: usize, steps: usize) -> Result<S
     })
 }
 
+/// The client data (a fixed batch: q = 1) and the local training (one step,
+/// C = 2, σ = 1, lr = 0.5) both step benchmarks run.
+fn bench_client(
+    ids: Vec<Vec<u32>>,
+    batch: usize,
+    seq: usize,
+    private: bool,
+) -> (ClientData, LocalTraining) {
+    let data = ClientData {
+        type_ids: vec![vec![0u32; seq]; batch],
+        ids,
+        labels: (0..batch).map(|i| i % 2).collect(),
+        pad_id: 0,
+    };
+    let training = LocalTraining {
+        steps: 1,
+        expected_batch: batch,
+        physical_batch: batch,
+        lr: 0.5,
+        privatization: if private {
+            Privatization::DpSgd {
+                clip: 2.0,
+                noise_multiplier: 1.0,
+            }
+        } else {
+            Privatization::NonPrivate {
+                max_grad_norm: None,
+            }
+        },
+    };
+    (data, training)
+}
+
+/// Runs one warm-up step and `steps` timed steps of [`train_locally_on`]
+/// on `engine`, calling `after` after each; returns the timed seconds and
+/// the mean loss of the last step.
+fn timed_steps<E: ComputeEngine>(
+    engine: &mut E,
+    data: &ClientData,
+    training: &LocalTraining,
+    steps: usize,
+    mut after: impl FnMut(&mut E),
+) -> Result<(Vec<f64>, f64)> {
+    let mut state = engine.model().init_state(0)?;
+    let mut streams = ClientStreams::from_seed(0);
+    let extra = Instrumentation::default();
+    let mut times_s = Vec::with_capacity(steps);
+    let mut last_loss = 0.0;
+    for step in 0..=steps {
+        let t = Instant::now();
+        let report = train_locally_on(engine, &mut state, data, training, &mut streams, &extra)?;
+        let elapsed = t.elapsed().as_secs_f64();
+        if step > 0 {
+            times_s.push(elapsed);
+        }
+        last_loss = report.mean_loss;
+        after(engine);
+    }
+    Ok((times_s, last_loss))
+}
+
+fn median(times: &[f64]) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
 /// Times local steps (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
 /// 0.05 on query/value, only B trainable, frozen [CLS] pooler head) on
-/// `weights`, through [`train_locally`] with a seeded stream.
+/// `weights`, through [`crate::train_locally`] with a seeded stream.
 pub fn run_step_benchmark(
     weights: Arc<BertWeights>,
     config: StepBenchConfig,
@@ -125,40 +191,15 @@ pub fn run_step_benchmark(
         config.steps,
     )?;
     let model = Model::new(weights, lora, head)?;
-    let mut state = model.init_state(0)?;
-    let data = ClientData {
-        type_ids: vec![vec![0u32; config.seq]; config.batch],
-        ids,
-        labels: (0..config.batch).map(|i| i % 2).collect(),
-        pad_id: 0,
-    };
-    let training = LocalTraining {
-        steps: 1,
-        expected_batch: config.batch,
-        physical_batch: config.batch,
-        lr: 0.5,
-        privatization: if config.private {
-            Privatization::DpSgd {
-                clip: 2.0,
-                noise_multiplier: 1.0,
-            }
-        } else {
-            Privatization::NonPrivate {
-                max_grad_norm: None,
-            }
-        },
-    };
-    let mut streams = ClientStreams::from_seed(0);
-    train_locally(&model, &mut state, &data, &training, &mut streams)?;
-    let mut times_s = Vec::with_capacity(config.steps);
-    for _ in 0..config.steps {
-        let t = Instant::now();
-        train_locally(&model, &mut state, &data, &training, &mut streams)?;
-        times_s.push(t.elapsed().as_secs_f64());
-    }
-    let mut sorted = times_s.clone();
-    sorted.sort_by(f64::total_cmp);
-    let step_s = sorted[sorted.len() / 2];
+    let (data, training) = bench_client(ids, config.batch, config.seq, config.private);
+    let (times_s, _) = timed_steps(
+        &mut CpuEngine(&model),
+        &data,
+        &training,
+        config.steps,
+        |_| {},
+    )?;
+    let step_s = median(&times_s);
     Ok(StepBenchResult {
         step_s,
         examples_per_s: config.batch as f64 / step_s,
@@ -292,14 +333,13 @@ pub struct GpuStepBenchResult {
     pub last_loss: f64,
 }
 
-/// Times the device DP-SGD step of `fedsvd_model::gpu` (C = 2, σ = 1,
-/// lr = 0.5, LoRA r = 8, alpha 8, dropout 0.05 on query/value, only B
-/// trainable, frozen [CLS] pooler head, as [`run_step_benchmark`]): the
-/// clipped sum on the device, then on the host the same discrete Gaussian
-/// release as [`train_locally`] ([`GaussianNoise::privatize`]), division by
-/// the batch and the SGD update of the host copy of B, re-uploaded (B is
-/// small: 37k values for MiniLM; a device-side update is future work). A
-/// fixed batch: every example every step.
+/// Times the DP-SGD step of [`train_locally_on`] on the GPU engine of
+/// `fedsvd_model::gpu` (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
+/// 0.05 on query/value, only B trainable, frozen [CLS] pooler head, as
+/// [`run_step_benchmark`]): the clipped sum on the device while the host
+/// draws the discrete Gaussian noise, then on the host the release, the
+/// division by the batch and the SGD update of B, re-uploaded (B is small:
+/// 37k values for MiniLM). A fixed batch: every example every step.
 pub fn run_gpu_step_benchmark(
     weights: Arc<BertWeights>,
     config: GpuStepBenchConfig,
@@ -325,67 +365,14 @@ fn device_step_benchmark(
     } else {
         GpuModel::cpu_reference(weights, lora, head, config.precision)?
     };
-    let model = gpu.model().clone();
-    let mut state = model.init_state(0)?;
-    gpu.set_state(&state)?;
-    let layout = model.layout(&state);
-    let types = vec![vec![0u32; config.seq]; config.batch];
-    let batch = fedsvd_model::Batch::from_sequences(&ids, &types, 0)?;
-    let labels: Vec<usize> = (0..config.batch).map(|i| i % 2).collect();
-    let clip = 2.0f32;
-    let noise = GaussianNoise::new(f64::from(clip), 1.0, layout.len)?;
-    let mut streams = ClientStreams::from_seed(0);
-    let mut released = vec![0.0f64; layout.len];
-    let mut direction = vec![0.0f32; layout.len];
+    let (data, training) = bench_client(ids, config.batch, config.seq, config.private);
     let mut peak: Option<usize> = None;
-    let mut times_s = Vec::with_capacity(config.steps);
-    let mut last_loss = 0.0;
-    for step in 0..=config.steps {
-        let t = Instant::now();
-        let seed = rand::Rng::random::<u64>(&mut streams.sampling);
-        // The noise does not depend on the sum: it is drawn on the host's
-        // cores (GaussianNoise::draw, parallel blocks) while this thread
-        // waits for the device.
-        let mut drawn = None;
-        let g = if config.private {
-            let noise_rng = &mut streams.noise;
-            let draw = &mut drawn;
-            let noise = &noise;
-            rayon::scope(|scope| {
-                scope.spawn(move |_| *draw = Some(noise.draw(noise_rng)));
-                gpu.clipped_sum(&batch, &labels, clip, Some(seed))
-            })?
-        } else {
-            gpu.sum(&batch, &labels, Some(seed))?
-        };
-        let inv = 1.0 / config.batch as f64;
-        if config.private {
-            // The scope above returns only after its spawned draw finished.
-            let draw = drawn
-                .take()
-                .unwrap_or_else(|| noise.draw(&mut streams.noise));
-            direction.copy_from_slice(&g.sum);
-            private_direction(&noise, &draw, config.batch, &mut released, &mut direction)?;
-        } else {
-            for (d, v) in direction.iter_mut().zip(&g.sum) {
-                *d = (f64::from(*v) * inv) as f32;
-            }
-        }
-        // SGD on the host copy of B, then re-upload (see the doc comment).
-        layout.apply_update(&mut state, &direction, 0.5)?;
-        gpu.set_state(&state)?;
-        let elapsed = t.elapsed().as_secs_f64();
-        if step > 0 {
-            times_s.push(elapsed);
-        }
-        last_loss = g.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / config.batch as f64;
-        if let Some(m) = gpu.device_memory_allocated() {
+    let (times_s, last_loss) = timed_steps(&mut gpu, &data, &training, config.steps, |g| {
+        if let Some(m) = g.device_memory_allocated() {
             peak = Some(peak.map_or(m, |p| p.max(m)));
         }
-    }
-    let mut sorted = times_s.clone();
-    sorted.sort_by(f64::total_cmp);
-    let step_s = sorted[sorted.len() / 2];
+    })?;
+    let step_s = median(&times_s);
     Ok(GpuStepBenchResult {
         step_s,
         examples_per_s: config.batch as f64 / step_s,

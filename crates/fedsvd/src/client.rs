@@ -393,29 +393,44 @@ pub fn train_locally_on(
             None => Vec::new(),
         };
         direction.fill(0.0);
-        for chunk in chosen.chunks(training.physical_batch) {
-            let (batch, labels) = data.batch(chunk)?;
-            let dropout_seed = streams.sampling.random::<u64>();
-            let clip = match training.privatization {
-                Privatization::DpSgd { clip, .. } if !extra.clipping_disabled() => Some(clip),
-                _ => None,
-            };
-            let sums = engine.step_sums(state, &batch, &labels, clip, Some(dropout_seed))?;
-            loss_sum += sums.losses.iter().map(|&l| f64::from(l)).sum::<f64>();
-            if let Some(c) = clip {
-                clipped += sums.norms.iter().filter(|&&n| n > c).count();
-            }
-            if sums.sum.len() != layout.len {
-                return Err(Error::Model(fedsvd_model::Error::LengthMismatch {
-                    what: "gradient sum from the compute device".into(),
-                    expected: layout.len,
-                    found: sums.sum.len(),
-                }));
-            }
-            for (d, g) in direction.iter_mut().zip(sums.sum) {
-                *d += g;
-            }
-        }
+        let clip = match training.privatization {
+            Privatization::DpSgd { clip, .. } if !extra.clipping_disabled() => Some(clip),
+            _ => None,
+        };
+        // The noise does not depend on the gradients, so it is drawn (from
+        // its own stream) on another core while the device computes them;
+        // the values are the same as drawing it afterwards.
+        let ClientStreams {
+            sampling,
+            noise: noise_rng,
+        } = streams;
+        let (summed, draw) = rayon::join(
+            || -> Result<()> {
+                for chunk in chosen.chunks(training.physical_batch) {
+                    let (batch, labels) = data.batch(chunk)?;
+                    let dropout_seed = sampling.random::<u64>();
+                    let sums =
+                        engine.step_sums(state, &batch, &labels, clip, Some(dropout_seed))?;
+                    loss_sum += sums.losses.iter().map(|&l| f64::from(l)).sum::<f64>();
+                    if let Some(c) = clip {
+                        clipped += sums.norms.iter().filter(|&&n| n > c).count();
+                    }
+                    if sums.sum.len() != layout.len {
+                        return Err(Error::Model(fedsvd_model::Error::LengthMismatch {
+                            what: "gradient sum from the compute device".into(),
+                            expected: layout.len,
+                            found: sums.sum.len(),
+                        }));
+                    }
+                    for (d, g) in direction.iter_mut().zip(sums.sum) {
+                        *d += g;
+                    }
+                }
+                Ok(())
+            },
+            || noise.as_ref().map(|n| n.draw(noise_rng)),
+        );
+        summed?;
         if let Some(c) = canaries {
             let weight = match training.privatization {
                 Privatization::DpSgd { clip, .. } if !extra.clipping_disabled() => {
@@ -429,9 +444,8 @@ pub fn train_locally_on(
         }
         report.examples_seen += chosen.len();
         report.steps += 1;
-        match &noise {
-            Some(noise) => {
-                let draw = noise.draw(&mut streams.noise);
+        match (&noise, draw) {
+            (Some(noise), Some(draw)) => {
                 private_direction(
                     noise,
                     &draw,
@@ -440,7 +454,7 @@ pub fn train_locally_on(
                     &mut direction,
                 )?;
             }
-            None => {
+            _ => {
                 let max_grad_norm = match training.privatization {
                     Privatization::NonPrivate { max_grad_norm } => max_grad_norm,
                     Privatization::DpSgd { .. } => None,

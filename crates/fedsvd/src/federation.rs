@@ -354,6 +354,33 @@ impl Federation {
         })
     }
 
+    /// Trains and evaluates on `gpu` from now on: a CUDA engine, or one on
+    /// the kernels' CPU reference backend (the same code path, which is how
+    /// the device path is tested on machines without a GPU). Its model must
+    /// have this federation's weights, adapters and head, and the method
+    /// must not train `A`.
+    pub fn compute_on(&mut self, gpu: GpuModel) -> Result<DeviceInfo> {
+        if self.strategy.trains_a() {
+            return Err(Error::Device {
+                requested: "gpu engine",
+                reason: "the method trains the A factors, which the GPU step does not".into(),
+            });
+        }
+        let m = gpu.model();
+        if !Arc::ptr_eq(m.weights(), self.model.weights())
+            || m.lora_config() != self.model.lora_config()
+            || m.head_config() != self.model.head_config()
+        {
+            return Err(Error::Device {
+                requested: "gpu engine",
+                reason: "its model is not this federation's (weights, adapters or head differ)"
+                    .into(),
+            });
+        }
+        self.gpu = Some(Mutex::new(gpu));
+        Ok(self.device())
+    }
+
     /// The device that trains and evaluates.
     pub fn device(&self) -> DeviceInfo {
         match &self.gpu {
