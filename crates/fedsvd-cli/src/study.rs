@@ -751,6 +751,25 @@ fn markdown(study: &Study, a: &Analysis) -> anyhow::Result<String> {
     let eps: Vec<String> = study.epsilons.iter().map(|e| Epsilon(*e).label()).collect();
     let sample = &study.cells[0].config;
     let fed = &sample.federation;
+    let partition = match sample.data.partition {
+        fedsvd::PartitionConfig::Iid => "IID".to_string(),
+        fedsvd::PartitionConfig::Dirichlet { alpha } => format!("Dirichlet α = {alpha}"),
+    };
+    let evaluated = if fed.eval_every == 1 {
+        "every round".to_string()
+    } else {
+        format!("every {} rounds", fed.eval_every)
+    };
+    let delta = format!("{:e}", fed.privacy.delta);
+    let overrides = if def.set.is_empty() {
+        "none".to_string()
+    } else {
+        def.set
+            .iter()
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = writeln!(
         w,
         "**The study.** {} on {} ({} training and {} held-out examples, {} clients, {} \
@@ -769,20 +788,13 @@ fn markdown(study: &Study, a: &Analysis) -> anyhow::Result<String> {
             .test_examples
             .map_or("a fraction of the".to_string(), |n| n.to_string()),
         sample.data.clients,
-        match sample.data.partition {
-            fedsvd::PartitionConfig::Iid => "IID".to_string(),
-            fedsvd::PartitionConfig::Dirichlet { alpha } => format!("Dirichlet α = {alpha}"),
-        },
+        partition,
         fed.clients_per_round,
         fed.rounds,
         fed.training.local_steps,
-        if fed.eval_every == 1 {
-            "every round".to_string()
-        } else {
-            format!("every {} rounds", fed.eval_every)
-        },
+        evaluated,
         eps.join(", "),
-        format!("{:e}", fed.privacy.delta),
+        delta,
         def.seeds
             .iter()
             .map(u64::to_string)
@@ -790,15 +802,7 @@ fn markdown(study: &Study, a: &Analysis) -> anyhow::Result<String> {
             .join(", "),
         total,
         study.preset.name(),
-        if def.set.is_empty() {
-            "none".to_string()
-        } else {
-            def.set
-                .iter()
-                .map(|s| format!("`{s}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
+        overrides,
     );
     let _ = writeln!(
         w,
