@@ -223,6 +223,9 @@ def test_checkpoints_round_trip_and_refuse_edits(tiny, tmp_path: Path) -> None:
 
 def test_canonical_json_rewrites_records_as_the_cli() -> None:
     config = fedsvd.preset("quick")
-    assert json.loads(fedsvd.canonical_json("config", config)) == json.loads(config)
+    once = fedsvd.canonical_json("config", config)
+    assert fedsvd.canonical_json("config", once) == once
+    for section in ["data", "adapters", "federation"]:
+        assert json.loads(once)[section] == json.loads(config)[section]
     with pytest.raises(fedsvd.FedsvdError, match=r"missing field"):
         fedsvd.canonical_json("round", "{}")
