@@ -15,6 +15,7 @@ pub mod client;
 pub mod device;
 pub mod error;
 pub mod federation;
+pub mod probe;
 pub mod run;
 pub mod runner;
 pub mod sampling;
