@@ -94,6 +94,9 @@ enum Command {
     /// A committed study (grid, results, analysis): rebuild its tables and
     /// plot from the committed results, or --run its missing runs first.
     Study(study::StudyArgs),
+    /// The mechanism probe: condition number of the loss Hessian in B on
+    /// frozen MiniLM features, FFA-LoRA's A against FedSVD's.
+    Probe(study::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args),
         Command::Report(args) => report::run(args),
         Command::Study(args) => study::run(args),
+        Command::Probe(args) => study::run_probe(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

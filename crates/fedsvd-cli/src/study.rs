@@ -990,6 +990,192 @@ fn markdown(study: &Study, a: &Analysis) -> anyhow::Result<String> {
     Ok(md)
 }
 
+/// Arguments of `fedsvd probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Rotten Tomatoes examples embedded (a seeded random sample).
+    #[arg(long, default_value_t = 2000)]
+    pub examples: usize,
+    /// LoRA rank r of the probe's adapter.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Gradient-descent steps on B.
+    #[arg(long, default_value_t = 200)]
+    pub iterations: usize,
+    /// Step size of gradient descent on B.
+    #[arg(long, default_value_t = 400.0)]
+    pub lr: f64,
+    /// Independent draws of A (seeds 1..=N).
+    #[arg(long, default_value_t = 5)]
+    pub draws: u64,
+    /// Truncate every text to this many tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// Where the result goes (JSON), e.g. the study's `probe` file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "studies/results/probe-hessian.json"
+    )]
+    pub out: PathBuf,
+    /// The machine, as recorded with the result (default: from the system).
+    #[arg(long, value_name = "TEXT")]
+    pub machine: Option<String>,
+}
+
+/// The iterations at which κ is recorded.
+const PROBE_RECORD: [usize; 9] = [0, 1, 2, 5, 10, 20, 50, 100, 200];
+
+/// `probe-hessian.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ProbeFile {
+    features: String,
+    examples: usize,
+    positives: usize,
+    dimension: usize,
+    config: fedsvd::probe::ProbeConfig,
+    /// One report per A draw (seeds 1..=draws).
+    draws: Vec<fedsvd::probe::ProbeReport>,
+    embed_seconds: f64,
+    probe_seconds: f64,
+    machine: String,
+}
+
+/// Runs `fedsvd probe`: embeds a sample of RT with the frozen MiniLM
+/// (mean-pooled, L2-normalized) and records κ(H(B; A)) along training for
+/// FFA-LoRA's A and FedSVD's refactorized A.
+pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    if args.examples < 2 || args.draws == 0 {
+        bail!("--examples must be at least 2 and --draws at least 1");
+    }
+    let assets = crate::assets::ensure_default()?;
+    let data = fedsvd_data::load(fedsvd_data::DatasetName::Rt, &assets, 0)?;
+    let mut order: Vec<usize> = (0..data.examples.len()).collect();
+    order.shuffle(&mut rand_chacha::ChaCha20Rng::seed_from_u64(0));
+    order.truncate(args.examples);
+    let dir = assets.join("models").join(fedsvd_model::MINILM_DIR);
+    let weights =
+        fedsvd_model::BertWeights::from_dir(&dir).context("loading the MiniLM weights")?;
+    let tokenizer = fedsvd_model::Tokenizer::from_file(&dir.join("tokenizer.json"), args.max_len)?;
+    let head = fedsvd_model::HeadConfig {
+        num_labels: 1,
+        pooling: fedsvd_model::Pooling::Mean,
+    };
+    let model = fedsvd_model::Model::new(weights, fedsvd_model::LoraConfig::default(), head)?;
+    let dim = model.weights().config.hidden_size;
+    let started = std::time::Instant::now();
+    let mut x = ndarray::Array2::<f64>::zeros((order.len(), dim));
+    let mut y = Vec::with_capacity(order.len());
+    for (c, chunk) in order.chunks(64).enumerate() {
+        let texts: Vec<&str> = chunk
+            .iter()
+            .map(|&i| data.examples[i].text.as_str())
+            .collect();
+        let batch = tokenizer.encode(&texts)?;
+        let emb = model.embed(None, &batch)?;
+        for (k, row) in emb.chunks_exact(dim).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                x[[c * 64 + k, j]] = f64::from(*v);
+            }
+        }
+        y.extend(chunk.iter().map(|&i| data.examples[i].label as f64));
+        eprint!("\rembedded {} of {}", (c * 64 + chunk.len()), order.len());
+    }
+    eprintln!();
+    let embed_seconds = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let mut draws = Vec::new();
+    for seed in 1..=args.draws {
+        let config = fedsvd::probe::ProbeConfig {
+            rank: args.rank,
+            iterations: args.iterations,
+            lr: args.lr,
+            record: PROBE_RECORD
+                .iter()
+                .copied()
+                .filter(|&t| t <= args.iterations)
+                .collect(),
+            seed,
+        };
+        draws.push(fedsvd::probe::hessian_probe(x.view(), &y, &config)?);
+    }
+    let file = ProbeFile {
+        features: format!(
+            "all-MiniLM-L6-v2, frozen, mean-pooled and L2-normalized, of Rotten Tomatoes \
+             snippets (max {} tokens)",
+            args.max_len
+        ),
+        examples: order.len(),
+        positives: y.iter().filter(|&&v| v > 0.5).count(),
+        dimension: dim,
+        config: fedsvd::probe::ProbeConfig {
+            rank: args.rank,
+            iterations: args.iterations,
+            lr: args.lr,
+            record: PROBE_RECORD
+                .iter()
+                .copied()
+                .filter(|&t| t <= args.iterations)
+                .collect(),
+            seed: 1,
+        },
+        draws,
+        embed_seconds,
+        probe_seconds: started.elapsed().as_secs_f64(),
+        machine: args.machine.clone().unwrap_or_else(detect_machine),
+    };
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fedsvd::runner::write_json_atomic(&args.out, &file)?;
+    let mut text = String::new();
+    probe_table(&mut text, &file);
+    print!("{text}");
+    println!("written: {}", args.out.display());
+    Ok(())
+}
+
+/// min, mean and max of a column of the draws.
+fn spread(values: &[f64]) -> String {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if values.len() > 1 {
+        format!("{mean:.2} ({min:.2}–{max:.2})")
+    } else {
+        format!("{mean:.2}")
+    }
+}
+
+fn probe_table(w: &mut String, p: &ProbeFile) {
+    let _ = writeln!(
+        w,
+        "| iteration | FFA-LoRA κ(H) | FedSVD κ(H) | FFA-LoRA κ(A)² | FFA-LoRA loss | FedSVD loss |"
+    );
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
+    let Some(first) = p.draws.first() else {
+        return;
+    };
+    for (i, point) in first.ffa.iter().enumerate() {
+        let col = |f: &dyn Fn(&fedsvd::probe::ProbeReport) -> Option<f64>| -> Vec<f64> {
+            p.draws.iter().filter_map(f).collect()
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            point.iteration,
+            spread(&col(&|d| d.ffa.get(i).map(|q| q.kappa))),
+            spread(&col(&|d| d.fedsvd.get(i).map(|q| q.kappa))),
+            spread(&col(&|d| d.ffa.get(i).map(|q| q.kappa_a_squared))),
+            spread(&col(&|d| d.ffa.get(i).map(|q| q.loss))),
+            spread(&col(&|d| d.fedsvd.get(i).map(|q| q.loss))),
+        );
+    }
+}
+
 /// The mechanism section: the committed probe result, or a line saying it
 /// has not been run.
 fn probe_section(w: &mut String, probe: &Path, _md_dir: &Path) -> anyhow::Result<()> {
@@ -997,10 +1183,61 @@ fn probe_section(w: &mut String, probe: &Path, _md_dir: &Path) -> anyhow::Result
     if !probe.is_file() {
         let _ = writeln!(
             w,
-            "Not measured yet (`{}` does not exist).\n",
+            "Not measured yet (`{}` does not exist; `fedsvd probe --out {}` writes it).\n",
+            probe.display(),
             probe.display()
         );
+        return Ok(());
     }
+    let p: ProbeFile = fedsvd::runner::read_json(probe)?;
+    let _ = writeln!(
+        w,
+        "The paper's Table 9 probe, on our features: logistic regression with weight \
+         w0 + B·A (w0 = 0, B = 0 at the start, one output, rank r = {}), trained by full-batch \
+         gradient descent on B (step {}) over {} {} ({} positive, dimension {}). H(B; A) is \
+         the Hessian of the mean cross-entropy with respect to B (r × r), κ = λ_max / λ_min \
+         over its whole spectrum (no cut-off: H has full rank r here). FFA-LoRA keeps A at its \
+         Kaiming-uniform draw; FedSVD refactorizes (B, A) after every step, so A is an \
+         orthonormal basis of the same row space. Mean over {} draws of A (seeds 1–{}), range \
+         in parentheses. Embedding took {:.0} s and the probe {:.1} s on {}. Source: `{}`.\n",
+        p.config.rank,
+        p.config.lr,
+        p.examples,
+        p.features,
+        p.positives,
+        p.dimension,
+        p.draws.len(),
+        p.draws.len(),
+        p.embed_seconds,
+        p.probe_seconds,
+        p.machine,
+        probe.display()
+    );
+    probe_table(w, &p);
+    let last = |f: &dyn Fn(&fedsvd::probe::ProbeReport) -> Option<f64>| -> Option<f64> {
+        let v: Vec<f64> = p.draws.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    if let (Some(ffa), Some(svd), Some(ka)) = (
+        last(&|d| d.ffa.last().map(|q| q.kappa)),
+        last(&|d| d.fedsvd.last().map(|q| q.kappa)),
+        last(&|d| d.ffa.last().map(|q| q.kappa_a_squared)),
+    ) {
+        let _ = writeln!(
+            w,
+            "\nReading: after the last iteration κ(H) is {ffa:.2} with FFA-LoRA's A and \
+             {svd:.2} with FedSVD's (mean over the draws). The factor FedSVD removes is κ(A)², \
+             {ka:.2} on average for a Kaiming-uniform A of r × d = {} × {}; the rest is the conditioning of the \
+             features on A's row space, which the refactorization keeps. The paper reports \
+             about 10.2 against 1.5 on BERT features of SST-2.",
+            p.config.rank, p.dimension
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nThe second half of the issue's item 4 (the Gauss–Newton matrix of each LoRA module's \
+         B at the end of real FedSVD and FFA-LoRA runs) is not measured yet.\n"
+    );
     Ok(())
 }
 
