@@ -12,6 +12,7 @@ mod bench_svd;
 mod compare;
 use fedsvd_cli::config;
 mod data;
+mod deploy;
 mod embed;
 mod export;
 mod predict;
@@ -91,6 +92,9 @@ enum Command {
     /// Results tables (markdown, CSV) and accuracy plots (SVG, PNG) from
     /// finished run folders.
     Report(report::ReportArgs),
+    /// Run the federation as real Flower processes (SuperLink, one SuperNode per client).
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
     /// A committed study (grid, results, analysis): rebuild its tables and
     /// plot from the committed results, or --run its missing runs first.
     Study(study::StudyArgs),
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Report(args) => report::run(args),
+        Command::Deploy(command) => deploy::run(command),
         Command::Study(args) => study::run(args),
         Command::Probe(args) => study::run_probe(args),
     };
