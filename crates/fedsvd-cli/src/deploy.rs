@@ -326,6 +326,9 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
             )),
         ),
     ];
+    // A fresh SuperLink state every time: a resumed deployment must not see
+    // the nodes of the run it continues.
+    let _ = fs::remove_file(logs.join("superlink.db"));
     let started = Instant::now();
     let mut processes = Processes(Vec::new());
     let superlink = spawn(
@@ -425,9 +428,20 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(500));
     };
     let elapsed = started.elapsed().as_secs_f64();
+    // The ServerApp's output lives on the SuperLink: keep it before stopping it.
+    let server_log = logs.join("serverapp.log");
+    if let Ok(out) = Command::new(bin.join("flwr"))
+        .args(["log", &run_id.to_string(), "fedsvd-local", "--show"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&app)
+        .stdin(Stdio::null())
+        .output()
+    {
+        let _ = fs::write(&server_log, &out.stdout);
+    }
     drop(processes);
     if status != "finished:completed" {
-        let log = fs::read_to_string(logs.join("superlink.log")).unwrap_or_default();
+        let log = fs::read_to_string(&server_log).unwrap_or_default();
         let reason = log
             .lines()
             .rev()
