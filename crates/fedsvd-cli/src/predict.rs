@@ -245,6 +245,7 @@ mod tests {
             model: None,
             max_len: None,
             json: false,
+            device: "cpu".into(),
             texts: vec!["x".into()],
         };
         let e = load(&args).err().expect("must fail");

@@ -80,7 +80,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let assets = crate::assets::ensure_default()?;
+    let assets = match &args.resume {
+        Some(_) => crate::assets::ensure_default()?,
+        None => crate::assets::ensure_for(&resolve(&options)?)?,
+    };
     let mut runner = match &args.resume {
         Some(dir) => {
             let runner = Runner::resume_on(dir, &assets, args.device.as_deref())

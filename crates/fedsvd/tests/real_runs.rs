@@ -22,6 +22,8 @@ fn config(method: Method) -> RunConfig {
         model: ModelConfig {
             dir: None,
             max_len: 64,
+            device: Default::default(),
+            precision: Default::default(),
         },
         data: DataConfig {
             dataset: "rt".into(),

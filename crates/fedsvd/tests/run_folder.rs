@@ -21,6 +21,8 @@ fn small_config(method: Method) -> RunConfig {
         model: ModelConfig {
             dir: None,
             max_len: 32,
+            device: Default::default(),
+            precision: Default::default(),
         },
         data: DataConfig {
             dataset: "rt".into(),
