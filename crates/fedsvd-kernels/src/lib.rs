@@ -26,10 +26,10 @@ pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, DeviceProbe, GradAlgo, probe};
 pub use elementwise::Elementwise;
 pub use error::{Error, Result};
-pub use loader::{CudaEnvironment, REQUIRED_DRIVER_VERSION};
 pub use layers::{
     AttnShape, BatchStrides, DropoutSpec, Embeddings, GemmSpec, LayerKernels, Precision,
 };
+pub use loader::{CudaEnvironment, REQUIRED_DRIVER_VERSION};
 pub use types::{GradShape, NoiseSpec, OutLayout, clip_factors};
 
 /// An opaque buffer of f32 owned by one backend: host memory for
