@@ -10,6 +10,7 @@ mod bench;
 mod bench_step;
 mod bench_svd;
 mod compare;
+mod conditioning;
 use fedsvd_cli::config;
 mod data;
 mod deploy;

@@ -98,6 +98,10 @@ pub struct StudyFile {
     /// Optional: a `fedsvd probe` result (JSON) reported with the study.
     #[serde(default)]
     pub probe: Option<PathBuf>,
+    /// Optional: a `fedsvd probe --runs` result (JSON): the Gauss–Newton
+    /// conditioning of every LoRA module at the end of real runs.
+    #[serde(default)]
+    pub gauss_newton: Option<PathBuf>,
     /// Optional notes appended to the report verbatim (markdown).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -122,6 +126,7 @@ pub struct Study {
     plot: PathBuf,
     table: PathBuf,
     probe: Option<PathBuf>,
+    gauss_newton: Option<PathBuf>,
     /// The definition file as given (for the commands in the report).
     source: PathBuf,
     cells: Vec<StudyCell>,
@@ -234,6 +239,7 @@ impl Study {
             plot: at(&def.plot),
             table: at(&def.table),
             probe: def.probe.as_ref().map(|p| at(p)),
+            gauss_newton: def.gauss_newton.as_ref().map(|p| at(p)),
             preset,
             epsilons,
             source: path.to_path_buf(),
@@ -439,7 +445,7 @@ fn keep_result(
 }
 
 /// "2-core x86_64, Intel(R) Xeon(R) …" from the system.
-fn detect_machine() -> String {
+pub(crate) fn detect_machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -976,6 +982,9 @@ fn markdown(study: &Study, a: &Analysis) -> anyhow::Result<String> {
     if let Some(probe) = &study.probe {
         probe_section(w, probe, md_dir)?;
     }
+    if let Some(gn) = &study.gauss_newton {
+        gauss_newton_section(w, gn)?;
+    }
     for note in &def.notes {
         let _ = writeln!(w, "{note}\n");
     }
@@ -1011,13 +1020,24 @@ pub struct ProbeArgs {
     /// Truncate every text to this many tokens.
     #[arg(long, default_value_t = 64)]
     pub max_len: usize,
-    /// Where the result goes (JSON), e.g. the study's `probe` file.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "studies/results/probe-hessian.json"
-    )]
-    pub out: PathBuf,
+    /// Where the result goes (JSON), e.g. the study's `probe` file
+    /// (default: `studies/results/probe-hessian.json`, or
+    /// `studies/results/probe-gauss-newton.json` with --runs).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Instead of the logistic probe: the condition number of every LoRA
+    /// module's Gauss–Newton matrix in B at the last checkpoint of these
+    /// run folders (comma-separated), over its non-zero spectrum.
+    #[arg(long, value_name = "DIR", value_delimiter = ',')]
+    pub runs: Vec<PathBuf>,
+    /// With --runs: training examples the matrix averages over (a seeded
+    /// sample of all clients' examples, the same for every run).
+    #[arg(long, default_value_t = 512)]
+    pub gn_examples: usize,
+    /// With --runs: eigenvalues below this fraction of the largest count
+    /// as zero.
+    #[arg(long, default_value_t = 1e-6)]
+    pub cutoff: f64,
     /// The machine, as recorded with the result (default: from the system).
     #[arg(long, value_name = "TEXT")]
     pub machine: Option<String>,
@@ -1047,6 +1067,13 @@ struct ProbeFile {
 pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
+    if !args.runs.is_empty() {
+        return crate::conditioning::run(&args);
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("studies/results/probe-hessian.json"));
     if args.examples < 2 || args.draws == 0 {
         bail!("--examples must be at least 2 and --draws at least 1");
     }
@@ -1126,14 +1153,14 @@ pub fn run_probe(args: ProbeArgs) -> anyhow::Result<()> {
         probe_seconds: started.elapsed().as_secs_f64(),
         machine: args.machine.clone().unwrap_or_else(detect_machine),
     };
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    fedsvd::runner::write_json_atomic(&args.out, &file)?;
+    fedsvd::runner::write_json_atomic(&out, &file)?;
     let mut text = String::new();
     probe_table(&mut text, &file);
     print!("{text}");
-    println!("written: {}", args.out.display());
+    println!("written: {}", out.display());
     Ok(())
 }
 
@@ -1233,11 +1260,63 @@ fn probe_section(w: &mut String, probe: &Path, _md_dir: &Path) -> anyhow::Result
             p.config.rank, p.dimension
         );
     }
+    let _ = writeln!(w);
+    Ok(())
+}
+
+/// The Gauss–Newton conditioning of each module at the end of real runs,
+/// or a line saying it has not been measured.
+fn gauss_newton_section(w: &mut String, path: &Path) -> anyhow::Result<()> {
     let _ = writeln!(
         w,
-        "\nThe second half of the issue's item 4 (the Gauss–Newton matrix of each LoRA module's \
-         B at the end of real FedSVD and FFA-LoRA runs) is not measured yet.\n"
+        "### At the end of real runs: each module's Gauss–Newton matrix in B
+"
     );
+    if !path.is_file() {
+        let _ = writeln!(
+            w,
+            "Not measured yet (`{}` does not exist; `fedsvd probe --runs DIR,DIR --out {}` \
+             writes it from a FedSVD and an FFA-LoRA run folder).\n",
+            path.display(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let g = crate::conditioning::read(path)?;
+    let runs: Vec<String> = g
+        .runs
+        .iter()
+        .map(|r| {
+            format!(
+                "{} (`{}`, {} rounds)",
+                crate::report::method_label(&r.method),
+                r.dir,
+                r.rounds
+            )
+        })
+        .collect();
+    let params = g
+        .runs
+        .first()
+        .and_then(|r| r.modules.first())
+        .map_or(0, |m| m.parameters);
+    let seconds: f64 = g.runs.iter().map(|r| r.seconds).sum();
+    let _ = writeln!(
+        w,
+        "For each LoRA module, G = (1/n) Σ_i J_iᵀ (diag(p_i) − p_i p_iᵀ) J_i, the Gauss–Newton \
+         matrix of the mean cross-entropy with respect to that module's B ({params} entries; \
+         J_i = ∂logits_i/∂B, no dropout), at the last checkpoint of: {}. n = {} training \
+         examples, one seeded sample of the pooled clients shared by every run. κ = λ_max / \
+         λ_min over the non-zero spectrum: eigenvalues below {:.0e} · λ_max count as zero (with \
+         two labels each example adds a rank-one term, so at most n are non-zero); the number \
+         kept is in parentheses. Measured in {seconds:.0} s on {}. Source: `{}`.\n",
+        runs.join(" and "),
+        g.examples,
+        g.cutoff,
+        g.machine,
+        path.display()
+    );
+    let _ = writeln!(w, "{}", crate::conditioning::table(&g));
     Ok(())
 }
 

@@ -352,3 +352,100 @@ fn seeds_draw_their_own_partitions_and_a_grid_spreads_over_calls() {
         "{stderr}"
     );
 }
+
+/// `fedsvd probe --runs`: the Gauss–Newton conditioning of every module at
+/// the end of a FedSVD and an FFA-LoRA run on the tiny model, written as
+/// JSON and reported by the study's page.
+#[test]
+fn gauss_newton_probe_reads_run_folders_without_writing_into_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let mut runs = Vec::new();
+    for method in ["fedsvd", "ffa"] {
+        let out = dir.join(method);
+        let status = Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+            .current_dir(dir)
+            .args(["run", "--preset", "quick", "--method", method, "--quiet"])
+            .args([
+                "--set",
+                &format!("model.dir={:?}", model.display().to_string()),
+            ])
+            .args([
+                "--set",
+                "model.max_len=32",
+                "--set",
+                "data.train_examples=160",
+            ])
+            .args(["--set", "data.test_examples=60", "--set", "data.clients=4"])
+            .args(["--set", "data.min_examples_per_client=8"])
+            .args(["--set", "federation.rounds=2", "--set", "federation.seed=3"])
+            .args(["--set", "federation.training.local_steps=2"])
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        runs.push(out);
+    }
+    let before: Vec<Vec<u8>> = runs
+        .iter()
+        .map(|r| fs::read(r.join("checkpoint.json")).unwrap())
+        .collect();
+    let result = dir.join("gn.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+        .current_dir(dir)
+        .args(["probe", "--gn-examples", "40", "--machine", "smoke machine"])
+        .arg("--runs")
+        .arg(format!("{},{}", runs[0].display(), runs[1].display()))
+        .arg("--out")
+        .arg(&result)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g = json_file(&result);
+    assert_eq!(g["examples"], json!(40));
+    let measured = g["runs"].as_array().unwrap();
+    assert_eq!(measured.len(), 2);
+    assert_eq!(measured[0]["method"], json!("fedsvd"));
+    assert_eq!(measured[1]["method"], json!("ffa"));
+    for run in measured {
+        assert_eq!(run["rounds"], json!(2));
+        let modules = run["modules"].as_array().unwrap();
+        // Two layers, query and value.
+        assert_eq!(modules.len(), 4);
+        for m in modules {
+            let kappa = m["kappa"].as_f64().unwrap();
+            let kept = m["nonzero"].as_u64().unwrap();
+            assert!(kappa.is_finite() && kappa >= 1.0, "{m}");
+            // Two labels: at most one non-zero eigenvalue per example.
+            assert!(kept >= 1 && kept <= 40, "{m}");
+            assert_eq!(m["parameters"], json!(32 * 8));
+        }
+    }
+    // The probe only reads the run folders.
+    for (r, b) in runs.iter().zip(&before) {
+        assert_eq!(&fs::read(r.join("checkpoint.json")).unwrap(), b);
+        assert!(!r.join("device.json.tmp").exists());
+    }
+    // A folder that is not a run is a clear error.
+    let bad = Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+        .current_dir(dir)
+        .args(["probe", "--runs", "no-such-run", "--out", "x.json"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no-such-run"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

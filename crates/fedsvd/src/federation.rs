@@ -490,6 +490,16 @@ impl Federation {
         Ok(())
     }
 
+    /// Every client's local data, in client order.
+    pub fn client_data(&self) -> &[ClientData] {
+        &self.clients
+    }
+
+    /// The held-out split the federation evaluates on.
+    pub fn test_data(&self) -> &ClientData {
+        &self.test
+    }
+
     /// Evaluates the global model on the held-out split.
     pub fn evaluate(&self) -> Result<fedsvd_model::EvalMetrics> {
         let lora = self.global_lora()?;

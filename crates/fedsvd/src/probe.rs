@@ -23,6 +23,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
+use fedsvd_model::{Batch, LoraState, Model, ParamKind};
+
 use crate::error::{Error, Result};
 
 /// How the probe trains and what it records.
@@ -286,6 +288,168 @@ fn softplus(t: f64) -> f64 {
     }
 }
 
+/// The conditioning of the Gauss–Newton matrix of the mean cross-entropy
+/// with respect to one LoRA module's `B`, over its non-zero spectrum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleConditioning {
+    /// The module, e.g. `layer.3.value`.
+    pub module: String,
+    /// Entries of `B` (`d_out · r`): the matrix is this wide.
+    pub parameters: usize,
+    /// Examples the matrix averages over.
+    pub examples: usize,
+    /// Eigenvalues kept: those above `cutoff · λ_max`.
+    pub nonzero: usize,
+    /// The relative cut-off below which an eigenvalue counts as zero.
+    pub cutoff: f64,
+    /// The largest eigenvalue.
+    pub lambda_max: f64,
+    /// The smallest kept eigenvalue.
+    pub lambda_min: f64,
+    /// `λ_max / λ_min` over the kept eigenvalues.
+    pub kappa: f64,
+}
+
+/// For every adapted module whose `B` trains, the matrix `M` whose rows are
+/// `√(p_ic / n) · ∂ℓ(x_i, c)/∂B`, over examples i and classes c, with
+/// `p_i` the model's softmax; then `G = MᵀM` is the Gauss–Newton matrix
+/// `(1/n) Σ_i J_iᵀ (diag(p_i) − p_i p_iᵀ) J_i` of the mean cross-entropy
+/// with respect to that `B` (`J_i = ∂z_i/∂B`, `z_i` the logits), because
+/// `Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − ppᵀ` and the gradient of the
+/// cross-entropy with label c is `J_iᵀ (p_i − e_c)`. Exact for any number
+/// of labels, with no dropout. Returns (module name, M) per module.
+pub fn gauss_newton_factors(
+    model: &Model,
+    state: &LoraState,
+    batches: &[Batch],
+) -> Result<Vec<(String, Array2<f64>)>> {
+    let layout = model.layout(state);
+    let slots: Vec<_> = layout
+        .slots
+        .iter()
+        .filter(|s| matches!(s.kind, ParamKind::B(_)))
+        .collect();
+    if slots.is_empty() {
+        return Err(Error::InvalidConfig {
+            key: "adapters",
+            value: "no trainable B".into(),
+            allowed: "a model whose LoRA B factors train (every method does)",
+        });
+    }
+    let n: usize = batches.iter().map(|b| b.lengths.len()).sum();
+    if n == 0 {
+        return Err(Error::InvalidConfig {
+            key: "probe examples",
+            value: "0".into(),
+            allowed: "at least one example",
+        });
+    }
+    let classes = model.head_config().num_labels;
+    let mut factors: Vec<Array2<f64>> = slots
+        .iter()
+        .map(|s| Array2::zeros((n * classes, s.len())))
+        .collect();
+    let mut first = 0;
+    for batch in batches {
+        let size = batch.lengths.len();
+        let logits = model.logits(state, batch)?;
+        let probs = softmax_rows(&logits, classes, "Gauss–Newton probe logits")?;
+        for c in 0..classes {
+            let labels = vec![c; size];
+            let grads = model.per_example_gradients(state, batch, &labels, None)?;
+            for i in 0..size {
+                let weight = (probs[i * classes + c] / n as f64).sqrt();
+                let row = (first + i) * classes + c;
+                let g = &grads[i * layout.len..(i + 1) * layout.len];
+                for (slot, m) in slots.iter().zip(factors.iter_mut()) {
+                    let part = &g[slot.offset..slot.offset + slot.len()];
+                    for (dst, &v) in m.row_mut(row).iter_mut().zip(part) {
+                        *dst = weight * f64::from(v);
+                    }
+                }
+            }
+        }
+        first += size;
+    }
+    Ok(slots
+        .iter()
+        .zip(factors)
+        .map(|(s, m)| {
+            let name = s
+                .name
+                .strip_suffix(".lora_B")
+                .unwrap_or(&s.name)
+                .to_string();
+            (name, m)
+        })
+        .collect())
+}
+
+/// The condition number of every module's Gauss–Newton matrix (see
+/// [`gauss_newton_factors`]) over its eigenvalues above
+/// `relative_cutoff · λ_max`: the eigenvalues of `MᵀM` are the squared
+/// singular values of `M`, so the `P × P` matrix is never formed.
+pub fn gauss_newton_conditioning(
+    model: &Model,
+    state: &LoraState,
+    batches: &[Batch],
+    relative_cutoff: f64,
+) -> Result<Vec<ModuleConditioning>> {
+    if !(relative_cutoff.is_finite() && relative_cutoff > 0.0 && relative_cutoff < 1.0) {
+        return Err(Error::InvalidConfig {
+            key: "cutoff",
+            value: relative_cutoff.to_string(),
+            allowed: "a relative eigenvalue cut-off in (0, 1)",
+        });
+    }
+    let examples = batches.iter().map(|b| b.lengths.len()).sum();
+    gauss_newton_factors(model, state, batches)?
+        .into_iter()
+        .map(|(module, m)| {
+            let parameters = m.ncols();
+            let svd = fedsvd_linalg::thin_svd(m.view())?;
+            let lambdas: Vec<f64> = svd.s.iter().map(|s| s * s).collect();
+            let lambda_max = lambdas.iter().copied().fold(0.0f64, f64::max);
+            let kept: Vec<f64> = lambdas
+                .into_iter()
+                .filter(|&l| l > relative_cutoff * lambda_max)
+                .collect();
+            let lambda_min = kept.iter().copied().fold(f64::INFINITY, f64::min);
+            Ok(ModuleConditioning {
+                module,
+                parameters,
+                examples,
+                nonzero: kept.len(),
+                cutoff: relative_cutoff,
+                lambda_max,
+                lambda_min,
+                kappa: if kept.is_empty() {
+                    f64::INFINITY
+                } else {
+                    lambda_max / lambda_min
+                },
+            })
+        })
+        .collect()
+}
+
+/// Row-wise softmax of `[n, classes]` logits, in f64.
+fn softmax_rows(logits: &[f32], classes: usize, context: &str) -> Result<Vec<f64>> {
+    if logits.iter().any(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            context: context.into(),
+        });
+    }
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks_exact(classes) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f64> = row.iter().map(|&z| f64::from(z - max).exp()).collect();
+        let total: f64 = exps.iter().sum();
+        out.extend(exps.iter().map(|e| e / total));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,5 +611,132 @@ mod tests {
         // Zero features: H = 0, κ infinite, not a panic.
         let report = hessian_probe(x.view(), &y, &config).unwrap();
         assert!(report.ffa[0].kappa.is_infinite());
+    }
+
+    fn tiny_classifier(classes: usize) -> (Model, LoraState, Vec<Batch>) {
+        use fedsvd_model::testing::{random_values, random_weights, tiny_config};
+        use fedsvd_model::{HeadConfig, LoraConfig, Pooling, Target};
+        let weights = random_weights(&tiny_config()).unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.0,
+            targets: vec![Target::Query, Target::Value],
+            train_a: false,
+            train_b: true,
+            train_head: true,
+        };
+        let head = HeadConfig {
+            num_labels: classes,
+            pooling: Pooling::Mean,
+        };
+        let model = Model::new(weights, lora, head).unwrap();
+        let mut state = model.init_state(3).unwrap();
+        for (k, ad) in state.adapters.iter_mut().enumerate() {
+            ad.b = random_values(ad.b.len(), 10 + k as u64, 0.5);
+        }
+        state.head_weight = random_values(state.head_weight.len(), 99, 1.0);
+        let seqs = |seed: u64| -> Vec<Vec<u32>> {
+            (0..3)
+                .map(|i| {
+                    random_values(4 + i, seed + i as u64, 1.0)
+                        .iter()
+                        .map(|v| 1 + ((v.abs() * 48.0) as u32).min(48))
+                        .collect()
+                })
+                .collect()
+        };
+        let batches = [seqs(1), seqs(7)]
+            .iter()
+            .map(|ids| {
+                let types: Vec<Vec<u32>> = ids.iter().map(|s| vec![0; s.len()]).collect();
+                Batch::from_sequences(ids, &types, 0).unwrap()
+            })
+            .collect();
+        (model, state, batches)
+    }
+
+    /// `MᵀM` against `(1/n) Σ J_iᵀ (diag(p_i) − p_i p_iᵀ) J_i` with `J_i`
+    /// from central differences of the logits in every entry of `B`.
+    #[test]
+    fn gauss_newton_matches_finite_difference_jacobians() {
+        for classes in [2, 3] {
+            let (model, state, batches) = tiny_classifier(classes);
+            let factors = gauss_newton_factors(&model, &state, &batches).unwrap();
+            assert_eq!(factors.len(), state.adapters.len());
+            let n: usize = batches.iter().map(|b| b.lengths.len()).sum();
+            for (idx, (name, m)) in factors.iter().enumerate() {
+                let ad = &state.adapters[idx];
+                assert_eq!(name, &format!("layer.{}.{}", ad.layer, ad.target.name()));
+                let p = ad.b.len();
+                let mut want = Array2::<f64>::zeros((p, p));
+                for batch in &batches {
+                    let size = batch.lengths.len();
+                    let logits = model.logits(&state, batch).unwrap();
+                    let probs = softmax_rows(&logits, classes, "test").unwrap();
+                    // jac[k][i*classes + c] = ∂z_ic / ∂b_k
+                    let eps = 1e-2f32;
+                    let jac: Vec<Vec<f64>> = (0..p)
+                        .map(|k| {
+                            let at = |delta: f32| {
+                                let mut s = state.clone();
+                                s.adapters[idx].b[k] += delta;
+                                model.logits(&s, batch).unwrap()
+                            };
+                            let (up, down) = (at(eps), at(-eps));
+                            up.iter()
+                                .zip(&down)
+                                .map(|(u, d)| f64::from(u - d) / f64::from(2.0 * eps))
+                                .collect()
+                        })
+                        .collect();
+                    for i in 0..size {
+                        let pi = &probs[i * classes..(i + 1) * classes];
+                        for a in 0..p {
+                            for b in 0..p {
+                                let mut v = 0.0;
+                                for c in 0..classes {
+                                    for d in 0..classes {
+                                        let h = if c == d { pi[c] } else { 0.0 } - pi[c] * pi[d];
+                                        v += jac[a][i * classes + c] * h * jac[b][i * classes + d];
+                                    }
+                                }
+                                want[[a, b]] += v / n as f64;
+                            }
+                        }
+                    }
+                }
+                let got = m.t().dot(m);
+                let scale = want.iter().fold(0.0f64, |acc, v| acc.max(v.abs()));
+                assert!(scale > 0.0, "{name}: zero Gauss–Newton matrix");
+                let err = (&got - &want)
+                    .iter()
+                    .fold(0.0f64, |acc, v| acc.max(v.abs()));
+                assert!(
+                    err < 2e-3 * scale,
+                    "{name}, {classes} classes: max error {err} against max entry {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gauss_newton_conditioning_reports_the_nonzero_spectrum() {
+        let (model, state, batches) = tiny_classifier(2);
+        let report = gauss_newton_conditioning(&model, &state, &batches, 1e-9).unwrap();
+        let factors = gauss_newton_factors(&model, &state, &batches).unwrap();
+        for (r, (_, m)) in report.iter().zip(&factors) {
+            assert_eq!(r.examples, 6);
+            assert_eq!(r.parameters, m.ncols());
+            // Two labels: each example adds a rank-one term, so at most 6
+            // non-zero eigenvalues out of d_out · r = 64.
+            assert!(r.nonzero >= 1 && r.nonzero <= 6, "{r:?}");
+            let gram = m.t().dot(m);
+            let trace: f64 = gram.diag().sum();
+            assert!(r.lambda_max <= trace * (1.0 + 1e-9) && r.lambda_max >= trace / 6.0);
+            assert!(r.kappa >= 1.0 && r.kappa.is_finite());
+        }
+        assert!(gauss_newton_conditioning(&model, &state, &batches, 0.0).is_err());
+        assert!(gauss_newton_conditioning(&model, &state, &[], 1e-6).is_err());
     }
 }

@@ -251,6 +251,27 @@ impl Runner {
         })
     }
 
+    /// The federation of the run folder `dir` at its last checkpoint, on the
+    /// CPU, for reading (probes, analyses): unlike [`Runner::resume`] it
+    /// writes nothing into the folder. A folder without a checkpoint gives
+    /// the federation as initialized.
+    pub fn load_read_only(dir: &Path, assets_dir: &Path) -> Result<Federation> {
+        let config_path = dir.join(files::CONFIG);
+        if !config_path.is_file() {
+            return Err(Error::NotARun {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let config: RunConfig = read_json(&config_path)?;
+        config.validate()?;
+        let (mut federation, _) = build(&config, assets_dir)?;
+        let checkpoint_path = dir.join(files::CHECKPOINT);
+        if checkpoint_path.is_file() {
+            federation.restore(read_checkpoint(&checkpoint_path)?)?;
+        }
+        Ok(federation)
+    }
+
     /// The device that computes, as asked for and as resolved.
     pub fn device(&self) -> &ResolvedDevice {
         &self.device
