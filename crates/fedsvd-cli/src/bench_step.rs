@@ -224,35 +224,8 @@ pub struct RandomModelArgs {
 /// Writes a random model folder of a benchmark shape.
 pub fn write_random_model(args: &RandomModelArgs) -> anyhow::Result<()> {
     let c = shape_of(args.shape).config();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let config = serde_json::json!({
-        "model_type": "bert",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "intermediate_size": c.intermediate_size,
-        "hidden_act": c.hidden_act,
-        "max_position_embeddings": c.max_position_embeddings,
-        "type_vocab_size": c.type_vocab_size,
-        "layer_norm_eps": c.layer_norm_eps,
-        "pad_token_id": c.pad_token_id,
-        "position_embedding_type": c.position_embedding_type,
-    });
-    let path = args.out.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    let tensors = fedsvd_model::testing::random_tensors(&c, "");
-    let path = args.out.join("model.safetensors");
-    std::fs::write(&path, fedsvd_model::write_safetensors(&tensors)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    let path = args.out.join("tokenizer.json");
-    std::fs::copy(&args.tokenizer, &path)
-        .with_context(|| format!("copying {} to {}", args.tokenizer.display(), path.display()))?;
-    // Loading it back checks the folder is a model `fedsvd run` accepts.
-    BertWeights::from_dir(&args.out)
-        .with_context(|| format!("reading back {}", args.out.display()))?;
+    fedsvd_model::testing::write_random_model(&args.out, &c, &args.tokenizer)
+        .with_context(|| format!("writing a random model to {}", args.out.display()))?;
     println!(
         "wrote a random {} model to {}",
         shape_of(args.shape).name(),

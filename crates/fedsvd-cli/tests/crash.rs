@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fedsvd_model::testing::random_tensors;
-use fedsvd_model::{BertConfig, write_safetensors};
+use fedsvd_model::testing::{tiny_config_with_minilm_vocab, write_random_model};
 
 fn assets() -> PathBuf {
     fedsvd_data::assets::default_dir()
@@ -28,32 +27,10 @@ fn minilm() -> PathBuf {
 /// A random BERT of hidden size 32 with MiniLM's vocabulary and tokenizer.
 fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("tiny-bert");
-    fs::create_dir_all(&model).unwrap();
-    let config = serde_json::json!({
-        "model_type": "bert",
-        "vocab_size": 30522,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "hidden_act": "gelu",
-        "max_position_embeddings": 64,
-        "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute"
-    });
-    fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let parsed: BertConfig = serde_json::from_value(config).unwrap();
-    let tensors = random_tensors(&parsed, "");
-    fs::write(
-        model.join("model.safetensors"),
-        write_safetensors(&tensors).unwrap(),
-    )
-    .unwrap();
-    fs::copy(
-        minilm().join("tokenizer.json"),
-        model.join("tokenizer.json"),
+    write_random_model(
+        &model,
+        &tiny_config_with_minilm_vocab(),
+        &minilm().join("tokenizer.json"),
     )
     .unwrap();
     model

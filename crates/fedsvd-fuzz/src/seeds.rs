@@ -38,22 +38,8 @@ pub fn tiny_config() -> BertConfig {
 
 /// `config.json` of [`tiny_config`], as Hugging Face writes it.
 pub fn tiny_config_json() -> Vec<u8> {
-    let c = tiny_config();
-    let value = serde_json::json!({
-        "architectures": ["BertModel"],
-        "model_type": "bert",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "intermediate_size": c.intermediate_size,
-        "hidden_act": c.hidden_act,
-        "max_position_embeddings": c.max_position_embeddings,
-        "type_vocab_size": c.type_vocab_size,
-        "layer_norm_eps": c.layer_norm_eps,
-        "pad_token_id": c.pad_token_id,
-        "position_embedding_type": c.position_embedding_type,
-    });
+    let mut value = fedsvd_model::testing::hf_config_json(&tiny_config());
+    value["architectures"] = serde_json::json!(["BertModel"]);
     pretty(&value)
 }
 

@@ -2,10 +2,11 @@
 //! crates built on it. Real weights come from [`crate::BertWeights::from_dir`];
 //! this model only exercises the same code paths at a size a test can afford.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::BertConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::{BertWeights, write_safetensors};
 
 /// A 2-layer BERT with hidden size 32, 4 heads, FFN 64, vocabulary 50 and 32
@@ -109,6 +110,68 @@ pub fn random_tensors(config: &BertConfig, prefix: &str) -> Vec<(String, Vec<usi
     );
     add("pooler.dense.bias".into(), vec![h], 0.1, 0.0);
     out
+}
+
+/// `config.json` of `config` as Hugging Face writes it for a BERT model.
+pub fn hf_config_json(config: &BertConfig) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "bert",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.hidden_act,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "layer_norm_eps": config.layer_norm_eps,
+        "pad_token_id": config.pad_token_id,
+        "position_embedding_type": config.position_embedding_type,
+    })
+}
+
+/// [`tiny_config`] with MiniLM's vocabulary (30,522) and 64 positions, so
+/// MiniLM's tokenizer drives it: runs of the real pipeline at test size.
+pub fn tiny_config_with_minilm_vocab() -> BertConfig {
+    BertConfig {
+        vocab_size: 30522,
+        max_position_embeddings: 64,
+        ..tiny_config()
+    }
+}
+
+/// Writes a model folder `fedsvd` loads like a downloaded one:
+/// `config.json` ([`hf_config_json`]), `model.safetensors` (the random
+/// tensors of [`random_tensors`]) and a copy of `tokenizer`, then reads it
+/// back through the normal loader, so a folder it returns is accepted.
+///
+/// ```
+/// use fedsvd_model::testing::{tiny_config, write_random_model};
+/// let dir = std::env::temp_dir().join(format!("fedsvd-doc-{}", std::process::id()));
+/// let tok = dir.join("source-tokenizer.json");
+/// std::fs::create_dir_all(&dir).unwrap();
+/// std::fs::write(&tok, "{}").unwrap();
+/// write_random_model(&dir.join("model"), &tiny_config(), &tok).unwrap();
+/// assert!(dir.join("model").join("tokenizer.json").is_file());
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn write_random_model(dir: &Path, config: &BertConfig, tokenizer: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join("config.json");
+    let mut text = serde_json::to_string_pretty(&hf_config_json(config))
+        .map_err(|e| Error::InvalidOption(format!("config.json of {}: {e}", dir.display())))?;
+    text.push('\n');
+    std::fs::write(&path, text).map_err(io(&path))?;
+    let path = dir.join("model.safetensors");
+    std::fs::write(&path, write_safetensors(&random_tensors(config, ""))?).map_err(io(&path))?;
+    let path = dir.join("tokenizer.json");
+    std::fs::copy(tokenizer, &path).map_err(io(tokenizer))?;
+    BertWeights::from_dir(dir)?;
+    Ok(())
 }
 
 /// The random BERT of `config`, serialized as safetensors and loaded back
