@@ -22,11 +22,17 @@ fn one_workload_measured(job: &mut Prepared) -> fedsvd_bench_gate::Result<f64> {
 }
 
 fn main() {
-    let Some(name) = std::env::args().nth(1) else {
-        eprintln!("usage: one_workload WORKLOAD (one of fedsvd_bench_gate::WORKLOADS)");
+    // All arguments are read (later ones are ignored): like the benchmark
+    // harness, which parses arguments holding the build folder's path, the
+    // heap then depends on their length, which the counts must not.
+    let args: Vec<String> = std::env::args().collect();
+    let Some(name) = args.get(1) else {
+        eprintln!(
+            "usage: one_workload WORKLOAD [IGNORED...] (WORKLOAD: one of fedsvd_bench_gate::WORKLOADS)"
+        );
         std::process::exit(2);
     };
-    let mut job = prepare_or_exit(&name);
+    let mut job = prepare_or_exit(name);
     match one_workload_measured(&mut job) {
         Ok(v) => println!("{name}: {v}"),
         Err(e) => {

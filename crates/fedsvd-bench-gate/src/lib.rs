@@ -6,7 +6,7 @@ mod workloads;
 
 use std::cell::OnceCell;
 
-pub use alloc::{DeterministicAlloc, GRANULE};
+pub use alloc::{DeterministicAlloc, GRANULE, fence_to_page};
 pub use workloads::WORKLOADS;
 
 /// Everything that can go wrong while preparing or running a workload.
@@ -81,11 +81,13 @@ impl Prepared {
     /// `dp_prv_epsilon`, all in `prv::power_block`, between `/tmp/a` and a
     /// folder 50 characters longer). An over-aligned local makes the compiler
     /// realign this frame, so every frame below it sits at the same offset
-    /// whatever the path.
+    /// whatever the path. For the same reason the job's first allocation
+    /// starts on a fresh page ([`fence_to_page`]).
     #[inline(never)]
     pub fn run(&mut self) -> Result<f64> {
         let anchor = PageAligned(0);
         std::hint::black_box(&anchor);
+        fence_to_page();
         (self.job)()
     }
 }
@@ -113,6 +115,11 @@ pub fn prepare(name: &str) -> Result<Prepared> {
         .find(|w| w.name == name)
         .ok_or_else(|| Error::UnknownWorkload(name.to_string()))?;
     single_thread()?;
+    // The inputs and the buffers the unmeasured run leaves behind (caches
+    // the measured run reuses) start on a fresh page too, so their offsets
+    // within a page do not depend on what the process allocated before
+    // (see [`Prepared::run`]).
+    fence_to_page();
     let mut job = (workload.prepare)()?;
     // One unmeasured run first: the measured one is then the steady state,
     // without first-use work whose cost depends on the process rather than

@@ -1028,14 +1028,19 @@ impl Neumaier {
 /// order of every sum) do not depend on the number of threads.
 const CHUNK: usize = 1 << 14;
 
+/// The threads the parallel loops may use: `available_parallelism`, read
+/// once per process. Each read opens the cgroup files (several system
+/// calls), and a calibration asks for it dozens of times.
+fn machine_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get()))
+}
+
 /// Runs `f(offset, chunk)` over fixed-size chunks of `data` on scoped
 /// threads and returns the results in chunk order.
 fn par_chunks<T: Send, R: Send>(data: &mut [T], f: impl Fn(usize, &mut [T]) -> R + Sync) -> Vec<R> {
     let chunks = data.len().div_ceil(CHUNK);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(chunks)
-        .max(1);
+    let threads = machine_threads().min(chunks).max(1);
     let mut buckets: Vec<Vec<(usize, &mut [T])>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, c) in data.chunks_mut(CHUNK).enumerate() {
         // Interleaved so that cheap and expensive regions of the grid spread evenly.
