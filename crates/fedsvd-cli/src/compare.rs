@@ -45,6 +45,15 @@ pub struct CompareArgs {
     /// Override one config key for every run (as for `fedsvd run`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Where to compute: auto (a usable CUDA device when the method runs
+    /// there, else the CPU), cpu or cuda (the key model.device). A grid may
+    /// resume on another device than it started on.
+    #[arg(long, value_name = "DEVICE", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: Option<String>,
+    /// GEMM precision of the frozen encoder on a GPU: f32, tf32 or bf16 (the
+    /// key model.precision).
+    #[arg(long, value_name = "P", value_parser = ["f32", "tf32", "bf16"])]
+    pub precision: Option<String>,
     /// Output folder: run folders go to OUT/runs/, the results to OUT.
     #[arg(long, value_name = "DIR", default_value = "runs/compare")]
     pub out: PathBuf,
@@ -84,10 +93,15 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     }
     // Resolve every configuration before running anything, so a bad option
     // fails in the first second, not after hours.
+    let sets = crate::run::device_sets(
+        &args.sets,
+        args.device.as_deref(),
+        args.precision.as_deref(),
+    );
     let spec = GridSpec {
         preset: args.preset,
         config: args.config.as_deref(),
-        sets: &args.sets,
+        sets: &sets,
         same_data: args.same_data,
     };
     let mut grid = Vec::new();
@@ -121,7 +135,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
             if !args.quiet {
                 eprintln!("{label}: resuming");
             }
-            Runner::resume(&dir, &assets).with_context(|| format!("resuming {}", dir.display()))?
+            Runner::resume_on(&dir, &assets, args.device.as_deref())
+                .with_context(|| format!("resuming {}", dir.display()))?
         } else {
             if !args.quiet {
                 eprintln!("{label}: starting");
@@ -205,6 +220,15 @@ pub(crate) fn check_same_config(dir: &Path, wanted: &RunConfig) -> anyhow::Resul
     let path = dir.join(files::CONFIG);
     let existing: RunConfig =
         fedsvd::runner::read_json(&path).with_context(|| format!("reading {}", path.display()))?;
+    // Where a run computes is not part of what it is: a grid may resume on
+    // another device (seeded runs are reproducible per device kind).
+    let wanted = &fedsvd::RunConfig {
+        model: fedsvd::ModelConfig {
+            device: existing.model.device,
+            ..wanted.model.clone()
+        },
+        ..wanted.clone()
+    };
     if &existing == wanted {
         return Ok(());
     }

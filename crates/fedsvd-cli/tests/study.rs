@@ -427,3 +427,60 @@ fn gauss_newton_probe_reads_run_folders_without_writing_into_them() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// `fedsvd compare --device`: the runs compute where asked, say so in
+/// their summaries, and a grid resumes on another device without being
+/// taken for a different configuration.
+#[test]
+fn compare_runs_on_the_device_asked_for_and_resumes_on_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let compare = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+            .current_dir(dir)
+            .args(["compare", "--preset", "quick", "--methods", "fedsvd"])
+            .args(["--seeds", "1", "--epsilons", "6", "--quiet"])
+            .args(["--device", device, "--out", "grid"])
+            .args([
+                "--set",
+                &format!("model.dir={:?}", model.display().to_string()),
+            ])
+            .args([
+                "--set",
+                "model.max_len=32",
+                "--set",
+                "data.train_examples=160",
+            ])
+            .args(["--set", "data.test_examples=60", "--set", "data.clients=4"])
+            .args(["--set", "data.min_examples_per_client=8"])
+            .args(["--set", "federation.rounds=2"])
+            .args(["--set", "federation.training.local_steps=2"])
+            .output()
+            .unwrap()
+    };
+    let first = compare("cpu");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let runs: Vec<PathBuf> = fs::read_dir(dir.join("grid/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let summary = json_file(&runs[0].join("summary.json"));
+    assert_eq!(summary["device"]["kind"], json!("cpu"), "{summary}");
+    let config = json_file(&runs[0].join("config.json"));
+    assert_eq!(config["model"]["device"], json!("cpu"));
+    // Asked again with another device: the finished run is kept, not
+    // refused as a different configuration.
+    let again = compare("auto");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(json_file(&runs[0].join("summary.json")), summary);
+}
