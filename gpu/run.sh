@@ -9,9 +9,23 @@
 # tf32 and bf16; no new run starts once 150 s of this part have passed; the
 # JSON lines also go to bench-step.jsonl beside results.txt), then, when
 # the bundle carries it, the peer's PyTorch/Opacus step for at most 120 s
-# (its failure, e.g. without Opacus, does not change the exit status). Output
-# also goes to results.txt beside this script, or to $OUT/results.txt when OUT
-# is set.
+# (its failure, e.g. without Opacus, does not change the exit status; the
+# bundle's pinned Opacus wheel in wheels/ is first installed into pydeps/
+# without network). Then the federated acceptance: the fedsvd crate's device
+# test (fedsvd-tests/device, at most 120 s), a random model of the MiniLM
+# shape with the bundle's tokenizer (bin/fedsvd bench random-model, 60 s),
+# the same seeded quick run (3 rounds, dropout 0, evaluation every round, on
+# the bundle's Rotten Tomatoes data in assets/) on cuda (runs/gpu, 120 s) and
+# on the CPU (runs/cpu, 150 s), and compare_runs.py on the two (losses within
+# 1e-3, ε identical, accuracy within one example). Each part's wall time goes
+# to results.txt. Output also goes to results.txt beside this script, or to
+# $OUT/results.txt when OUT is set (runs/ and model-random/ then go under
+# $OUT too).
+#
+# Local dry run of the federated tail only, on a machine without a GPU:
+#   FEDSVD_BUNDLE_DEVICE=cpu FEDSVD_BUNDLE_ONLY=federated gpu-bundle/run.sh
+# runs the "GPU" run on the CPU and skips everything before it; it proves the
+# paths and commands, not the device.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
@@ -27,6 +41,10 @@ status=0
     echo "== $(date -u +%FT%TZ) $(cat MANIFEST 2>/dev/null | sed -n 2p)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
 } | tee -a "$results"
+only="${FEDSVD_BUNDLE_ONLY:-}"
+device="${FEDSVD_BUNDLE_DEVICE:-cuda}"
+[ "$device" = cuda ] || export FEDSVD_REQUIRE_GPU=0
+if [ "$only" != federated ]; then
 for t in tests/*; do
     echo "==> $t" | tee -a "$results"
     # The source-tree check reads kernels/ from the build machine's checkout.
@@ -72,11 +90,65 @@ RUNS
 fi
 if [ -f bench/opacus_gpu_step.py ]; then
     echo "==> peer: bench/opacus_gpu_step.py (timeout 120 s)" | tee -a "$results"
-    # Opacus is not in the machine's image: a `pip install --target pydeps`
-    # of its wheel placed beside this script is picked up.
+    # Opacus is not in the machine's image: the bundle's pinned wheel goes
+    # into pydeps (no network, no dependencies: PyTorch is there).
+    for w in wheels/opacus-*.whl; do
+        [ -f "$w" ] || continue
+        echo "==> pip install --no-index --no-deps --target pydeps $w" | tee -a "$results"
+        python3 -m pip install --no-index --no-deps --target pydeps "$w" 2>&1 | tail -n 3 | tee -a "$results"
+    done
     if [ -d pydeps ]; then export PYTHONPATH="$here/pydeps:${PYTHONPATH:-}"; fi
     timeout 120 python3 bench/opacus_gpu_step.py 2>&1 | tee -a "$results"
     echo "peer exit status ${PIPESTATUS[0]}" | tee -a "$results"
+fi
+fi # FEDSVD_BUNDLE_ONLY
+work="${OUT:-$here}"
+if [ -x fedsvd-tests/device ] && [ "$only" != federated ]; then
+    echo "==> fedsvd-tests/device (timeout 120 s)" | tee -a "$results"
+    t0=$SECONDS
+    timeout 120 fedsvd-tests/device --test-threads=1 2>&1 | tee -a "$results"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "time fedsvd-tests/device: $((SECONDS - t0)) s" | tee -a "$results"
+fi
+tok=assets/models/all-MiniLM-L6-v2/tokenizer.json
+if [ -x bin/fedsvd ] && [ -f "$tok" ] && [ -d assets/data/rt ]; then
+    export FEDSVD_ASSETS="$here/assets"
+    model="$work/model-random"
+    rm -rf "$model" "$work/runs/gpu" "$work/runs/cpu"
+    mkdir -p "$work/runs"
+    echo "==> fedsvd bench random-model --shape minilm (timeout 60 s)" | tee -a "$results"
+    t0=$SECONDS
+    timeout 60 bin/fedsvd bench random-model --shape minilm --tokenizer "$tok" --out "$model" \
+        </dev/null 2>&1 | tee -a "$results"
+    rc=${PIPESTATUS[0]}
+    echo "time random-model: $((SECONDS - t0)) s (exit $rc)" | tee -a "$results"
+    if [ "$rc" -ne 0 ]; then
+        status=1
+    else
+        # The two runs differ only in --device and --out.
+        fed=(run --preset quick --set "model.dir=$model" --set federation.rounds=3
+            --set federation.seed=1 --set adapters.dropout=0 --set federation.eval_every=1)
+        ok=1
+        for side in gpu cpu; do
+            dev=cpu lim=150
+            [ "$side" = gpu ] && dev="$device" lim=120
+            echo "==> fedsvd run --device $dev --out runs/$side (timeout $lim s)" | tee -a "$results"
+            t0=$SECONDS
+            timeout "$lim" bin/fedsvd "${fed[@]}" --device "$dev" --out "$work/runs/$side" \
+                </dev/null 2>&1 | tee -a "$results"
+            rc=${PIPESTATUS[0]}
+            echo "time run $side ($dev): $((SECONDS - t0)) s (exit $rc)" | tee -a "$results"
+            [ "$rc" -eq 0 ] || { status=1; ok=0; }
+        done
+        if [ "$ok" -eq 1 ]; then
+            echo "==> compare_runs.py runs/gpu runs/cpu" | tee -a "$results"
+            timeout 30 python3 compare_runs.py "$work/runs/gpu" "$work/runs/cpu" 2>&1 | tee -a "$results"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        fi
+    fi
+else
+    echo "==> federated acceptance skipped: bin/fedsvd, $tok or assets/data/rt missing" | tee -a "$results"
+    status=1
 fi
 echo "== exit status $status" | tee -a "$results"
 exit "$status"

@@ -5,8 +5,16 @@
 //! GPU parity test (`model-tests/gpu`), the stripped `fedsvd` binary
 //! (`bin/fedsvd`, for `fedsvd bench step --device cuda`), the benchmark binary,
 //! `run.sh` (from `gpu/run.sh`) and, when the checkout has `shared/` beside
-//! it, the peer's PyTorch/Opacus step `bench/opacus_gpu_step.py`. The bundle
-//! must stay under 64 MiB.
+//! it, the peer's PyTorch/Opacus step `bench/opacus_gpu_step.py`; for the
+//! federated acceptance, the `fedsvd` crate's `device` integration test
+//! (`fedsvd-tests/device`), `compare_runs.py` (from `gpu/`), the pinned
+//! Opacus wheel (`wheels/`, downloaded once with `pip download` into
+//! `target/gpu-bundle-wheels/`; the bundle builds without it when the
+//! download fails) and, from the assets folder (`$FEDSVD_ASSETS` or the
+//! workspace's `assets/`), the MiniLM `tokenizer.json` and the Rotten
+//! Tomatoes package `data/rt` (with its manifest) as `assets/`, so run.sh can
+//! train a random model of the MiniLM shape on the GPU and on the CPU and
+//! compare. The bundle must stay under 64 MiB.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,6 +22,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, bail};
 
 const LIMIT: u64 = 64 * 1024 * 1024;
+/// The Opacus release the peer benchmark is pinned to.
+const OPACUS: &str = "opacus==1.6.0";
 
 /// Runs cargo with JSON messages and returns the executables of the
 /// artifacts that `keep` accepts, as (target name, path).
@@ -116,6 +126,22 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
     let Some((_, model_test)) = model_tests.into_iter().next() else {
         bail!("cargo built no fedsvd-model gpu test binary");
     };
+    let device_tests = cargo_executables(
+        &[
+            "test",
+            "--release",
+            "-p",
+            "fedsvd",
+            "--test",
+            "device",
+            "--no-run",
+            "--message-format=json",
+        ],
+        |m| is_package(m, "fedsvd") && m["profile"]["test"] == true,
+    )?;
+    let Some((_, device_test)) = device_tests.into_iter().next() else {
+        bail!("cargo built no fedsvd device test binary");
+    };
     let cli = cargo_executables(
         &[
             "build",
@@ -152,6 +178,11 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
     std::fs::copy(&model_test, &model_dst)
         .with_context(|| format!("cannot copy {}", model_test.display()))?;
     files.push(model_dst);
+    std::fs::create_dir_all(out.join("fedsvd-tests"))?;
+    let device_dst = out.join("fedsvd-tests/device");
+    std::fs::copy(&device_test, &device_dst)
+        .with_context(|| format!("cannot copy {}", device_test.display()))?;
+    files.push(device_dst);
     // The CLI is large (tokenizers, faer); it travels without symbols.
     let cli_dst = out.join("bin/fedsvd");
     std::fs::copy(&cli, &cli_dst).with_context(|| format!("cannot copy {}", cli.display()))?;
@@ -179,11 +210,30 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
         );
     }
 
+    let compare = root.join("gpu/compare_runs.py");
+    let compare_dst = out.join("compare_runs.py");
+    std::fs::copy(&compare, &compare_dst)
+        .with_context(|| format!("cannot copy {}", compare.display()))?;
+    files.push(compare_dst);
+    match opacus_wheel(root) {
+        Ok(wheel) => {
+            std::fs::create_dir_all(out.join("wheels"))?;
+            let name = wheel.file_name().context("wheel without a name")?;
+            let dst = out.join("wheels").join(name);
+            std::fs::copy(&wheel, &dst)
+                .with_context(|| format!("cannot copy {}", wheel.display()))?;
+            files.push(dst);
+        }
+        Err(e) => println!("note: no Opacus wheel in the bundle ({e:#})"),
+    }
+    copy_assets(root, &out, &mut files)?;
+
     let mut total = dir_size(&out)?;
     if total > LIMIT {
         // Line tables make backtraces readable; drop them only when needed.
         println!("bundle is {total} bytes, stripping debug info");
-        for f in files.iter().filter(|f| f.extension().is_none()) {
+        let binary = |f: &&PathBuf| f.extension().is_none() && !f.starts_with(out.join("assets"));
+        for f in files.iter().filter(binary) {
             let status = Command::new("strip").arg("--strip-debug").arg(f).status();
             if !matches!(status, Ok(s) if s.success()) {
                 bail!("strip failed on {}", f.display());
@@ -213,6 +263,81 @@ pub fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
         total as f64 / (1024.0 * 1024.0),
         out.display()
     );
+    Ok(())
+}
+
+/// The pinned Opacus wheel, downloaded into `target/gpu-bundle-wheels/`
+/// unless a wheel is there already.
+fn opacus_wheel(root: &Path) -> anyhow::Result<PathBuf> {
+    let cache = root.join("target/gpu-bundle-wheels");
+    let version = OPACUS.split("==").nth(1).unwrap_or_default();
+    let find = || -> anyhow::Result<Option<PathBuf>> {
+        if !cache.is_dir() {
+            return Ok(None);
+        }
+        for entry in std::fs::read_dir(&cache)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with(&format!("opacus-{version}-")) && name.ends_with(".whl") {
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
+    };
+    if let Some(w) = find()? {
+        return Ok(w);
+    }
+    std::fs::create_dir_all(&cache)?;
+    println!("==> python3 -m pip download --no-deps --only-binary=:all: {OPACUS}");
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+        ])
+        .arg(&cache)
+        .arg(OPACUS)
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        bail!("pip download {OPACUS} failed ({status})");
+    }
+    find()?.with_context(|| format!("pip download left no opacus wheel in {}", cache.display()))
+}
+
+/// Copies the MiniLM tokenizer and the Rotten Tomatoes package (with its
+/// manifest, which the loader checks) from the assets folder into
+/// `out/assets/`, in the same layout.
+fn copy_assets(root: &Path, out: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let src = std::env::var_os("FEDSVD_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("assets"));
+    let tokenizer = "models/all-MiniLM-L6-v2/tokenizer.json";
+    let rt = "data/rt";
+    if !src.join(tokenizer).is_file() || !src.join(rt).is_dir() {
+        bail!(
+            "{} lacks {tokenizer} or {rt}: run `cargo run --release --bin fedsvd -- assets fetch` first",
+            src.display()
+        );
+    }
+    let dst = out.join("assets");
+    std::fs::create_dir_all(dst.join("models/all-MiniLM-L6-v2"))?;
+    std::fs::copy(src.join(tokenizer), dst.join(tokenizer))
+        .with_context(|| format!("cannot copy {}", src.join(tokenizer).display()))?;
+    files.push(dst.join(tokenizer));
+    std::fs::create_dir_all(dst.join(rt))?;
+    for entry in std::fs::read_dir(src.join(rt))? {
+        let path = entry?.path();
+        if path.is_file() {
+            let to = dst.join(rt).join(path.file_name().context("no file name")?);
+            std::fs::copy(&path, &to).with_context(|| format!("cannot copy {}", path.display()))?;
+            files.push(to);
+        }
+    }
     Ok(())
 }
 
