@@ -405,7 +405,7 @@ fn gauss_newton_probe_reads_run_folders_without_writing_into_them() {
             let kept = m["nonzero"].as_u64().unwrap();
             assert!(kappa.is_finite() && kappa >= 1.0, "{m}");
             // Two labels: at most one non-zero eigenvalue per example.
-            assert!(kept >= 1 && kept <= 40, "{m}");
+            assert!((1..=40).contains(&kept), "{m}");
             assert_eq!(m["parameters"], json!(32 * 8));
         }
     }

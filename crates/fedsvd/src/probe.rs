@@ -730,7 +730,7 @@ mod tests {
             assert_eq!(r.parameters, m.ncols());
             // Two labels: each example adds a rank-one term, so at most 6
             // non-zero eigenvalues out of d_out · r = 64.
-            assert!(r.nonzero >= 1 && r.nonzero <= 6, "{r:?}");
+            assert!((1..=6).contains(&r.nonzero), "{r:?}");
             let gram = m.t().dot(m);
             let trace: f64 = gram.diag().sum();
             assert!(r.lambda_max <= trace * (1.0 + 1e-9) && r.lambda_max >= trace / 6.0);
