@@ -189,15 +189,7 @@ impl Runner {
     /// the configured `model.device`, for this process only: `config.json`
     /// keeps what the run asked for.
     pub fn resume_on(dir: &Path, assets_dir: &Path, device: Option<&str>) -> Result<Self> {
-        let config_path = dir.join(files::CONFIG);
-        if !config_path.is_file() {
-            return Err(Error::NotARun {
-                dir: dir.to_path_buf(),
-            });
-        }
-        let config: RunConfig = read_json(&config_path)?;
-        config.validate()?;
-        let (mut federation, data) = build(&config, assets_dir)?;
+        let (config, mut federation, data) = open_run(dir, assets_dir)?;
         let choice = match device {
             Some(d) => d.parse()?,
             None => config.model.device,
@@ -256,15 +248,7 @@ impl Runner {
     /// writes nothing into the folder. A folder without a checkpoint gives
     /// the federation as initialized.
     pub fn load_read_only(dir: &Path, assets_dir: &Path) -> Result<Federation> {
-        let config_path = dir.join(files::CONFIG);
-        if !config_path.is_file() {
-            return Err(Error::NotARun {
-                dir: dir.to_path_buf(),
-            });
-        }
-        let config: RunConfig = read_json(&config_path)?;
-        config.validate()?;
-        let (mut federation, _) = build(&config, assets_dir)?;
+        let (_, mut federation, _) = open_run(dir, assets_dir)?;
         let checkpoint_path = dir.join(files::CHECKPOINT);
         if checkpoint_path.is_file() {
             federation.restore(read_checkpoint(&checkpoint_path)?)?;
@@ -437,6 +421,21 @@ fn majority(config: &RunConfig, data: &PreparedData) -> f64 {
     } else {
         data.test_majority_accuracy
     }
+}
+
+/// The run folder's checked `config.json` and the federation it builds (as
+/// initialized: restoring the checkpoint is the caller's).
+fn open_run(dir: &Path, assets_dir: &Path) -> Result<(RunConfig, Federation, PreparedData)> {
+    let config_path = dir.join(files::CONFIG);
+    if !config_path.is_file() {
+        return Err(Error::NotARun {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let config: RunConfig = read_json(&config_path)?;
+    config.validate()?;
+    let (federation, data) = build(&config, assets_dir)?;
+    Ok((config, federation, data))
 }
 
 fn build(config: &RunConfig, assets_dir: &Path) -> Result<(Federation, PreparedData)> {

@@ -3,46 +3,19 @@
 //! everywhere (the device path's wiring, kernels and layouts), and on CUDA
 //! when a device is present (required under `FEDSVD_REQUIRE_GPU=1`).
 
+mod common;
+use common::synthetic;
+
 use std::sync::Arc;
 
 use fedsvd::{
-    BudgetRule, ClientData, DeviceChoice, Federation, FederationConfig, Method, PrecisionChoice,
-    PrivacyConfig, RoundMetrics, TrainingConfig,
+    BudgetRule, DeviceChoice, Federation, FederationConfig, Method, PrecisionChoice, PrivacyConfig,
+    RoundMetrics, TrainingConfig,
 };
 use fedsvd_dp::AccountantKind;
 use fedsvd_model::gpu::{GpuModel, Precision};
 use fedsvd_model::testing::{random_weights, tiny_config};
 use fedsvd_model::{BertWeights, HeadConfig, LoraConfig, Pooling};
-
-fn synthetic(n: usize, seed: u64) -> ClientData {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = |m: u64| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s % m
-    };
-    let (mut ids, mut labels) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let len = 4 + next(6) as usize;
-        let mut seq = vec![2u32];
-        seq.extend((1..len - 1).map(|_| 8 + next(40) as u32));
-        let label = next(2) as usize;
-        if label == 1 {
-            let at = 1 + next(len as u64 - 2) as usize;
-            seq[at] = 7;
-        }
-        seq.push(3);
-        ids.push(seq);
-        labels.push(label);
-    }
-    ClientData {
-        type_ids: ids.iter().map(|s| vec![0; s.len()]).collect(),
-        ids,
-        labels,
-        pad_id: 0,
-    }
-}
 
 fn config(method: Method) -> FederationConfig {
     FederationConfig {
