@@ -92,7 +92,9 @@ pub struct FederationConfig {
     pub rounds: usize,
     /// Clients sampled per round K'.
     pub clients_per_round: usize,
-    /// Evaluate every this many rounds (and after the last).
+    /// Evaluate every this many rounds, and after each of the last
+    /// [`ENDPOINT_WINDOW`](crate::study::ENDPOINT_WINDOW) rounds (see
+    /// [`FederationConfig::evaluates_after_round`]).
     pub eval_every: usize,
     /// Local training.
     pub training: TrainingConfig,
@@ -104,6 +106,15 @@ pub struct FederationConfig {
 }
 
 impl FederationConfig {
+    /// Whether the held-out set is evaluated after round `round` (counted
+    /// from 1): every `eval_every` rounds, and after each of the last
+    /// [`ENDPOINT_WINDOW`](crate::study::ENDPOINT_WINDOW) rounds, so that the
+    /// endpoint a run reports is the mean over its last rounds rather than
+    /// over rounds `eval_every` apart.
+    pub fn evaluates_after_round(&self, round: usize) -> bool {
+        round.is_multiple_of(self.eval_every) || round + crate::study::ENDPOINT_WINDOW > self.rounds
+    }
+
     /// Checks every value, naming the offending key.
     pub fn validate(&self, clients: usize) -> Result<()> {
         self.method.validate()?;
@@ -626,7 +637,7 @@ impl Federation {
                 .sum::<f64>()
                 / seen as f64
         });
-        let evaluate = self.next_round.is_multiple_of(self.config.eval_every) || self.finished();
+        let evaluate = self.config.evaluates_after_round(self.next_round);
         let eval = if evaluate {
             Some(self.evaluate()?)
         } else {

@@ -243,7 +243,7 @@ impl Server {
 
     /// Whether the simulation evaluates after `round` (from 0).
     pub fn evaluates_after(&self, round: usize) -> bool {
-        (round + 1).is_multiple_of(self.config.eval_every) || round + 1 >= self.config.rounds
+        self.config.evaluates_after_round(round + 1)
     }
 
     /// Parameters one client uploads per round under this method.

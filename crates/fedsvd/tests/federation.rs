@@ -506,3 +506,16 @@ fn the_noise_applied_is_never_below_the_noise_accounted() {
         assert!(noise.sensitivity() >= f64::from(clip));
     }
 }
+
+#[test]
+fn every_eval_every_rounds_and_the_last_endpoint_window_are_evaluated() {
+    let mut schedule = config(Method::fedsvd(), None, 30);
+    schedule.eval_every = 5;
+    let evaluated: Vec<usize> = (1..=30)
+        .filter(|&r| schedule.evaluates_after_round(r))
+        .collect();
+    assert_eq!(evaluated, [5, 10, 15, 20, 25, 26, 27, 28, 29, 30]);
+    schedule.rounds = 3;
+    schedule.eval_every = 10;
+    assert!((1..=3).all(|r| schedule.evaluates_after_round(r)));
+}

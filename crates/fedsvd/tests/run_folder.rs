@@ -134,10 +134,10 @@ fn resume_after_a_crash_reproduces_the_uninterrupted_run_bit_for_bit() {
         fs::read(interrupted.join(files::CHECKPOINT)).unwrap(),
         "final adapter state, ledgers and round counter are identical"
     );
-    // The metrics say something: accuracy is evaluated on rounds 2 and 4.
+    // The metrics say something: with 4 rounds, all of them lie in the
+    // endpoint window, so every round is evaluated despite eval_every = 2.
     let m = comparable_metrics(&straight);
-    assert!(m[0]["eval_accuracy"].is_null() && m[1]["eval_accuracy"].is_number());
-    assert!(m[3]["eval_accuracy"].as_f64().unwrap() > 0.0);
+    assert!(m.iter().all(|r| r["eval_accuracy"].as_f64().unwrap() > 0.0));
 }
 
 #[test]
