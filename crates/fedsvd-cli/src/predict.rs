@@ -10,7 +10,7 @@ use fedsvd_model::gpu::Precision;
 use fedsvd_model::peft::{ADAPTER_CONFIG_FILE, MERGED_CONFIG_FILE, MERGED_WEIGHTS_FILE};
 use fedsvd_model::{
     AdapterSidecar, BertWeights, ComputeEngine, CpuEngine, HeadConfig, LoraConfig, LoraState,
-    Model, Pooling, Tokenizer, load_merged_checkpoint, load_peft_adapter, minilm_dir,
+    Model, Pooling, Tokenizer, load_merged_checkpoint, load_peft_adapter,
 };
 
 /// Texts per forward pass; bounds memory for long input lists.
@@ -29,7 +29,9 @@ pub struct PredictArgs {
     /// Base model folder the adapter applies to (`config.json`,
     /// `model.safetensors`, `tokenizer.json`). Default: the `base_model` of
     /// the adapter's `fedsvd_adapter.json`, else PEFT's
-    /// `base_model_name_or_path`, else the local all-MiniLM-L6-v2 under
+    /// `base_model_name_or_path` (a folder, or a Hub id such as
+    /// `sentence-transformers/all-MiniLM-L6-v2` read from its local copy
+    /// under `assets/models/`), else the local all-MiniLM-L6-v2 under
     /// assets/. Not allowed with a merged checkpoint, which holds its own
     /// weights.
     #[arg(long, value_name = "DIR")]
@@ -68,11 +70,16 @@ fn load(args: &PredictArgs) -> anyhow::Result<Loaded> {
     if dir.join(ADAPTER_CONFIG_FILE).is_file() {
         let a = load_peft_adapter(dir)
             .with_context(|| format!("loading the adapter in {}", dir.display()))?;
-        let model_dir = match (&args.model, &a.sidecar, &a.base_model_name_or_path) {
-            (Some(m), _, _) => m.clone(),
-            (None, Some(s), _) => AdapterSidecar::resolve(dir, &s.base_model),
-            (None, None, Some(b)) => PathBuf::from(b),
-            (None, None, None) => minilm_dir()?,
+        let model_dir = match &args.model {
+            Some(m) => m.clone(),
+            None => a
+                .base_model_dir(dir, &fedsvd_data::assets::default_dir())
+                .with_context(|| {
+                    format!(
+                        "resolving the base model of the adapter in {}",
+                        dir.display()
+                    )
+                })?,
         };
         let weights = BertWeights::from_dir(&model_dir)
             .with_context(|| format!("loading the base model {}", model_dir.display()))?;

@@ -237,3 +237,63 @@ fn predict_reproduces_a_mean_pooling_merged_checkpoint() {
     assert_eq!(printed["pooling"], "mean");
     check(&printed, &model, &state, &tok);
 }
+
+#[test]
+fn a_peft_adapter_naming_the_hub_model_loads_from_the_local_copy() {
+    // As PEFT writes it for a model loaded from the Hub: no fedsvd sidecar,
+    // and base_model_name_or_path is the Hub id, not a folder.
+    let (dir, w, tok) = setup();
+    let head = HeadConfig {
+        num_labels: 2,
+        pooling: Pooling::ClsPooler,
+    };
+    let model = Model::new(w.clone(), LoraConfig::default(), head).unwrap();
+    let mut state = model.init_state(6).unwrap();
+    randomize(&mut state, 160);
+    let out = Scratch::new("hub-id");
+    save_peft_adapter(
+        &out.0,
+        &w.config,
+        model.lora_config(),
+        &head,
+        &state,
+        &meta(&dir),
+    )
+    .unwrap();
+    std::fs::remove_file(out.0.join(fedsvd_model::peft::SIDECAR_FILE)).unwrap();
+    let config_path = out.0.join(fedsvd_model::peft::ADAPTER_CONFIG_FILE);
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2".into();
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+
+    // The assets folder is the one holding `dir` (<assets>/models/<name>).
+    let assets = dir.parent().unwrap().parent().unwrap();
+    let run = |assets: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+            .env("FEDSVD_ASSETS", assets)
+            .args(["predict", "--adapter", out.0.to_str().unwrap(), "--json"])
+            .args(TEXTS)
+            .output()
+            .unwrap()
+    };
+    let found = run(assets);
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    check(&printed, &model, &state, &tok);
+
+    // Without a local copy the error names the Hub id and where it looked.
+    let empty = Scratch::new("hub-id-no-assets");
+    let missing = run(&empty.0);
+    assert!(!missing.status.success());
+    let message = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        message.contains("sentence-transformers/all-MiniLM-L6-v2")
+            && message.contains("models/all-MiniLM-L6-v2"),
+        "{message}"
+    );
+}

@@ -113,6 +113,18 @@ pub enum Error {
     /// no pooler).
     #[error("cannot export: {0}")]
     NotExportable(String),
+    /// A base model named by an adapter (PEFT's `base_model_name_or_path`)
+    /// is neither a model folder nor a Hugging Face Hub id with a local copy.
+    #[error(
+        "base model `{reference}` not found: it is not a folder holding config.json, \
+         and {local} holds no config.json either (pass the model folder, e.g. `--model DIR`)"
+    )]
+    BaseModelNotFound {
+        /// The name or path as the adapter gives it.
+        reference: String,
+        /// Where the local copy of a Hub id was looked for.
+        local: PathBuf,
+    },
     /// A file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {

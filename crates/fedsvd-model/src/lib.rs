@@ -62,6 +62,59 @@ pub fn minilm_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The local folder of the base model an adapter names, as PEFT's
+/// `base_model_name_or_path` names it.
+///
+/// A folder that holds `config.json` is used as it is. Otherwise a Hugging
+/// Face Hub id (`owner/name`, e.g. `sentence-transformers/all-MiniLM-L6-v2`)
+/// resolves to the local copy `<assets>/models/<name>`, the layout `fedsvd
+/// assets fetch` installs, so adapters trained with PEFT on the Hub model
+/// load without naming the folder. Nothing is downloaded.
+///
+/// ```
+/// # let assets = tempfile::tempdir().unwrap();
+/// let local = assets.path().join("models/all-MiniLM-L6-v2");
+/// std::fs::create_dir_all(&local).unwrap();
+/// std::fs::write(local.join("config.json"), "{}").unwrap();
+/// let dir = fedsvd_model::resolve_base_model(
+///     "sentence-transformers/all-MiniLM-L6-v2",
+///     assets.path(),
+/// )
+/// .unwrap();
+/// assert_eq!(dir, local);
+/// ```
+pub fn resolve_base_model(reference: &str, assets: &Path) -> Result<PathBuf> {
+    let as_path = PathBuf::from(reference);
+    if as_path.join("config.json").is_file() {
+        return Ok(as_path);
+    }
+    // A Hub id is `owner/name` or a bare `name`: path segments without
+    // `..`, so the local copy cannot point outside `<assets>/models`.
+    let segments: Vec<&str> = reference.split('/').collect();
+    let is_hub_id = (1..=2).contains(&segments.len())
+        && segments.iter().all(|s| {
+            !s.is_empty()
+                && *s != "."
+                && *s != ".."
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        });
+    let local = assets
+        .join("models")
+        .join(segments.last().copied().unwrap_or_default());
+    if is_hub_id && local.join("config.json").is_file() {
+        return Ok(local);
+    }
+    Err(Error::BaseModelNotFound {
+        reference: reference.to_string(),
+        local: if is_hub_id {
+            local
+        } else {
+            assets.join("models")
+        },
+    })
+}
+
 /// Peak resident memory of this process in MiB (Linux `VmHWM`; `None`
 /// elsewhere).
 pub fn peak_rss_mib() -> Option<f64> {

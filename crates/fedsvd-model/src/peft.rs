@@ -368,6 +368,22 @@ pub struct PeftAdapter {
     pub sidecar: Option<AdapterSidecar>,
 }
 
+impl PeftAdapter {
+    /// The folder of the base model this adapter (read from `dir`) applies
+    /// to: the sidecar's `base_model` (relative to `dir`) when fedsvd wrote
+    /// it; else PEFT's `base_model_name_or_path`, a folder or a Hub id read
+    /// from its local copy under `<assets>/models/` (see
+    /// [`resolve_base_model`](crate::resolve_base_model)); else the fetched
+    /// all-MiniLM-L6-v2 under `assets`.
+    pub fn base_model_dir(&self, dir: &Path, assets: &Path) -> Result<PathBuf> {
+        match (&self.sidecar, &self.base_model_name_or_path) {
+            (Some(s), _) => Ok(AdapterSidecar::resolve(dir, &s.base_model)),
+            (None, Some(reference)) => crate::resolve_base_model(reference, assets),
+            (None, None) => Ok(assets.join("models").join(crate::MINILM_DIR)),
+        }
+    }
+}
+
 /// A merged checkpoint read back by [`load_merged_checkpoint`].
 #[derive(Debug, Clone)]
 pub struct MergedCheckpoint {

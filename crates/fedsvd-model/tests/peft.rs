@@ -965,3 +965,31 @@ fn contradictory_merged_checkpoints_are_refused() {
     set_sidecar_pooling(dir.path(), "mean");
     assert!(merged_error(dir.path()).contains("BertForSequenceClassification"));
 }
+
+#[test]
+fn a_hub_id_resolves_to_its_local_copy_and_anything_else_is_named_in_the_error() {
+    let assets = tempfile::tempdir().unwrap();
+    let local = assets.path().join("models").join("all-MiniLM-L6-v2");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("config.json"), "{}").unwrap();
+
+    let resolve = |r: &str| fedsvd_model::resolve_base_model(r, assets.path());
+    assert_eq!(
+        resolve("sentence-transformers/all-MiniLM-L6-v2").unwrap(),
+        local
+    );
+    assert_eq!(resolve("all-MiniLM-L6-v2").unwrap(), local);
+    // A folder that holds config.json wins, whatever its name.
+    let folder = local.display().to_string();
+    assert_eq!(resolve(&folder).unwrap(), local);
+
+    // A Hub id without a local copy names the id and the folder looked in.
+    let missing = resolve("bert-base-uncased").unwrap_err().to_string();
+    assert!(missing.contains("`bert-base-uncased`"), "{missing}");
+    assert!(missing.contains("models/bert-base-uncased"), "{missing}");
+    // `..` is no Hub id: it must not reach outside <assets>/models.
+    std::fs::write(assets.path().join("config.json"), "{}").unwrap();
+    let escape = resolve("models/..").unwrap_err().to_string();
+    assert!(escape.contains("`models/..`"), "{escape}");
+    assert!(resolve("a/b/c").is_err());
+}

@@ -26,21 +26,39 @@ pub struct BaseModel {
 
 #[pymethods]
 impl BaseModel {
-    /// Loads the model folder `path`, or, without one, the fetched
-    /// all-MiniLM-L6-v2 in the assets folder (`assets`, default
+    /// Loads the base model `path`: a model folder, or a Hugging Face Hub id
+    /// such as `sentence-transformers/all-MiniLM-L6-v2` read from its local
+    /// copy under `<assets>/models/` (nothing is downloaded); without one,
+    /// the fetched all-MiniLM-L6-v2 in the assets folder (`assets`, default
     /// `fedsvd.default_assets_dir()`).
     #[staticmethod]
     #[pyo3(signature = (path = None, assets = None))]
     fn load(py: Python<'_>, path: Option<PathBuf>, assets: Option<PathBuf>) -> PyResult<Self> {
-        let dir = path.unwrap_or_else(|| {
-            assets_dir(assets)
-                .join("models")
-                .join(fedsvd_model::MINILM_DIR)
-        });
-        let weights = py
-            .detach(|| BertWeights::from_dir(&dir))
+        let assets = assets_dir(assets);
+        let dir = match path {
+            Some(p) => fedsvd_model::resolve_base_model(&p.to_string_lossy(), &assets)
+                .map_err(Error::from)?,
+            None => assets.join("models").join(fedsvd_model::MINILM_DIR),
+        };
+        Self::from_dir(py, dir)
+    }
+
+    /// Loads the base model the PEFT adapter in the folder `adapter`
+    /// applies to: the folder fedsvd recorded when it exported the adapter,
+    /// else the adapter's `base_model_name_or_path` (a folder, or a Hub id
+    /// read from its local copy under `<assets>/models/`), else the fetched
+    /// all-MiniLM-L6-v2.
+    #[staticmethod]
+    #[pyo3(signature = (adapter, assets = None))]
+    fn for_adapter(py: Python<'_>, adapter: PathBuf, assets: Option<PathBuf>) -> PyResult<Self> {
+        let assets = assets_dir(assets);
+        let dir = py
+            .detach(|| {
+                fedsvd_model::load_peft_adapter(&adapter)
+                    .and_then(|a| a.base_model_dir(&adapter, &assets))
+            })
             .map_err(Error::from)?;
-        Ok(Self { weights, dir })
+        Self::from_dir(py, dir)
     }
 
     /// The model folder.
@@ -74,6 +92,15 @@ impl BaseModel {
             self.weights.config.hidden_size,
             self.weights.config.num_hidden_layers
         )
+    }
+}
+
+impl BaseModel {
+    fn from_dir(py: Python<'_>, dir: PathBuf) -> PyResult<Self> {
+        let weights = py
+            .detach(|| BertWeights::from_dir(&dir))
+            .map_err(Error::from)?;
+        Ok(Self { weights, dir })
     }
 }
 

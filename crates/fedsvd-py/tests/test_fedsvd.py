@@ -229,3 +229,31 @@ def test_canonical_json_rewrites_records_as_the_cli() -> None:
         assert json.loads(once)[section] == json.loads(config)[section]
     with pytest.raises(fedsvd.FedsvdError, match=r"missing field"):
         fedsvd.canonical_json("round", "{}")
+
+
+def test_a_peft_adapter_naming_a_hub_id_finds_its_local_base_model(tiny, tmp_path: Path) -> None:
+    import shutil
+
+    config = tiny()
+    # A local copy of the (tiny) base model where a Hub id points:
+    # <assets>/models/<name>.
+    assets = tmp_path / "assets"
+    local = assets / "models" / "tiny-bert"
+    shutil.copytree(config["model"]["dir"], local)
+    model = fedsvd.BaseModel.load("some-org/tiny-bert", assets=assets)
+    assert Path(model.path) == local
+
+    # An adapter as PEFT writes it: no fedsvd sidecar, the Hub id as its base.
+    server = fedsvd.Server(config)
+    exported = Path(server.export(tmp_path / "adapter"))
+    (exported / "fedsvd_adapter.json").unlink()
+    adapter_config = json.loads((exported / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = "some-org/tiny-bert"
+    (exported / "adapter_config.json").write_text(json.dumps(adapter_config))
+    found = fedsvd.BaseModel.for_adapter(exported, assets=assets)
+    assert Path(found.path) == local
+    assert found.hidden_size == model.hidden_size
+
+    # Without the local copy the error names the id and where it looked.
+    with pytest.raises(fedsvd.FedsvdError, match=r"some-org/tiny-bert.*models/tiny-bert"):
+        fedsvd.BaseModel.for_adapter(exported, assets=tmp_path / "elsewhere")

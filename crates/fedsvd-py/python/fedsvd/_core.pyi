@@ -58,8 +58,19 @@ class BaseModel:
         assets: str | PathLike[str] | None = None,
     ) -> BaseModel:
         """Loads the model folder ``path`` (``config.json``,
-        ``model.safetensors``, ``tokenizer.json``) or, without one, the
-        fetched all-MiniLM-L6-v2 in the assets folder."""
+        ``model.safetensors``, ``tokenizer.json``), or a Hugging Face Hub id
+        such as ``sentence-transformers/all-MiniLM-L6-v2`` from its local
+        copy under ``<assets>/models/`` (nothing is downloaded), or, without
+        one, the fetched all-MiniLM-L6-v2 in the assets folder."""
+    @staticmethod
+    def for_adapter(
+        adapter: str | PathLike[str],
+        assets: str | PathLike[str] | None = None,
+    ) -> BaseModel:
+        """Loads the base model the PEFT adapter folder ``adapter`` applies
+        to: the folder fedsvd recorded at export, else the adapter's
+        ``base_model_name_or_path`` (a folder, or a Hub id read from its
+        local copy under ``<assets>/models/``), else all-MiniLM-L6-v2."""
     @property
     def path(self) -> str:
         """The model folder."""
