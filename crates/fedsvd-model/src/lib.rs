@@ -69,7 +69,9 @@ pub fn minilm_dir() -> Result<PathBuf> {
 /// Face Hub id (`owner/name`, e.g. `sentence-transformers/all-MiniLM-L6-v2`)
 /// resolves to the local copy `<assets>/models/<name>`, the layout `fedsvd
 /// assets fetch` installs, so adapters trained with PEFT on the Hub model
-/// load without naming the folder. Nothing is downloaded.
+/// load without naming the folder. Nothing is downloaded. Anything else
+/// (an absolute path, `..`, more than two segments) is returned as the path
+/// it is, for the loader to report what it cannot read.
 ///
 /// ```
 /// # let assets = tempfile::tempdir().unwrap();
@@ -99,19 +101,19 @@ pub fn resolve_base_model(reference: &str, assets: &Path) -> Result<PathBuf> {
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         });
+    if !is_hub_id {
+        // A path: loading it names the file that is missing.
+        return Ok(as_path);
+    }
     let local = assets
         .join("models")
         .join(segments.last().copied().unwrap_or_default());
-    if is_hub_id && local.join("config.json").is_file() {
+    if local.join("config.json").is_file() {
         return Ok(local);
     }
     Err(Error::BaseModelNotFound {
         reference: reference.to_string(),
-        local: if is_hub_id {
-            local
-        } else {
-            assets.join("models")
-        },
+        local,
     })
 }
 
