@@ -67,6 +67,12 @@ class FedsvdStrategy(Strategy):
         self.max_epsilon = next(
             (h["max_epsilon"] for h in reversed(history) if h.get("max_epsilon") is not None), None
         )
+        # Each client's ε as its own ledger last reported it (0 before it
+        # first trains), as `fedsvd run` writes it; empty without DP.
+        private = json.loads(config_text)["federation"]["privacy"]["epsilon"] is not None
+        self.client_epsilon = [0.0] * server.num_clients if private else []
+        if private and history and len(history[-1].get("client_epsilon") or []) == server.num_clients:
+            self.client_epsilon = [float(e) for e in history[-1]["client_epsilon"]]
         self.sent: dict[int, list[int]] = {}
         self.transport_seconds: list[float] = []
         self._sent_at = 0.0
@@ -138,6 +144,8 @@ class FedsvdStrategy(Strategy):
             if "epsilon-spent" in metrics:
                 eps = float(metrics["epsilon-spent"])
                 self.max_epsilon = eps if self.max_epsilon is None else max(self.max_epsilon, eps)
+                if self.client_epsilon:
+                    self.client_epsilon[k] = eps
             if int(metrics["refused"]):
                 exhausted.append(k)
                 continue
@@ -157,7 +165,7 @@ class FedsvdStrategy(Strategy):
             "eval_accuracy": evaluation["accuracy"] if evaluation else None,
             "eval_loss": evaluation["loss"] if evaluation else None,
             "max_epsilon": self.max_epsilon,
-            "client_epsilon": [],
+            "client_epsilon": list(self.client_epsilon),
             "bytes_uploaded": len(updates) * self.server.upload_bytes,
             "refactorized": step["refactorized"],
             "server_seconds": step["seconds"],

@@ -2,8 +2,11 @@
 //!
 //! Commands:
 //! - `ci`: the whole test pipeline that `.ci/run` and the README run: format
-//!   check, clippy with `-D warnings`, the asset fetch, the test suite and the
+//!   check, clippy with `-D warnings`, the asset fetch, the test suite, the
+//!   Python package and Flower deployment check, the fuzz targets and the
 //!   instruction-count gate.
+//! - `deploy-check [--release]`: the wheel and its pytest suite, then real
+//!   Flower processes against `fedsvd run` (see `deploy_check`).
 //! - `bench-gate [--update | --prove]`: the instruction-count regression gate (see
 //!   `bench_gate`).
 //! - `fuzz [--seconds N]`: every fuzz target of `crates/fedsvd-fuzz` for N
@@ -17,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 mod bench_gate;
+mod deploy_check;
 mod fuzz;
 mod gpu_bundle;
 mod kernels;
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Some("gpu-bundle") => gpu_bundle::gpu_bundle(&root),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("wheel") => wheel::wheel(&root, &args[1..]),
+        Some("deploy-check") => deploy_check::deploy_check(&root, &args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -50,7 +55,7 @@ fn print_help() {
     println!();
     println!("commands:");
     println!(
-        "  ci    format check, clippy -D warnings, asset fetch, kernel compilation, all tests, bench gate (what CI runs)"
+        "  ci    format check, clippy -D warnings, asset fetch, kernel compilation, all tests, wheel + Flower deployment check, fuzz, bench gate (what CI runs)"
     );
     println!(
         "  build-kernels [--check]  compile kernels/*.cu to PTX with NVRTC (--check: verify only)"
@@ -61,6 +66,9 @@ fn print_help() {
     );
     println!(
         "  wheel [--test]  the Python package fedsvd into target/wheels/ (maturin in target/wheel-venv); --test: pytest in a fresh venv"
+    );
+    println!(
+        "  deploy-check [--release]  wheel + pytest, then fedsvd deploy local (real Flower processes) against fedsvd run, and the killed-SuperNode drill with --resume"
     );
     println!(
         "  bench-gate [--update | --prove]  instruction counts (gungraun/callgrind) vs crates/fedsvd-bench-gate/baseline.json; fails above +5 % (--update: rewrite the baseline; --prove: two fresh clones in different folders must count the same)"
@@ -104,6 +112,15 @@ fn ci() -> anyhow::Result<()> {
     kernels::build_kernels(&root, &["--check".to_string()])
         .context("the kernel compilation step failed")?;
     step("tests", "cargo", &["test", "--workspace"])?;
+    // Issue 22: the wheel and its pytest suite, then real Flower processes
+    // against the simulation (dev-profile wheel: it reuses the test build).
+    println!("==> deployment: cargo xtask deploy-check");
+    let deploy_started = Instant::now();
+    deploy_check::deploy_check(&root, &[]).context("the deployment check step failed")?;
+    println!(
+        "<== deployment: ok in {:.1} s",
+        deploy_started.elapsed().as_secs_f64()
+    );
     // Hostile inputs (issue 21): every parser fuzz target for a short fixed
     // time; the build reuses the test step's dependencies.
     println!(

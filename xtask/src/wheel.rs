@@ -79,8 +79,10 @@ pub fn pip_install(python: &Path, packages: &[&str]) -> anyhow::Result<()> {
     )
 }
 
-/// Builds the wheel and returns its path.
-pub fn build_wheel(root: &Path) -> anyhow::Result<PathBuf> {
+/// Builds the wheel (cargo's release profile, or with `release` false the
+/// dev profile, which shares the test build's compiled dependencies) and
+/// returns its path.
+pub fn build_wheel(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
     let venv = build_venv(root);
     let python = ensure_venv(&venv)?;
     let maturin = venv.join("bin").join("maturin");
@@ -107,7 +109,9 @@ pub fn build_wheel(root: &Path) -> anyhow::Result<PathBuf> {
     run(
         "maturin build",
         Command::new(&maturin)
-            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .args(["build", "--quiet", "--profile"])
+            .arg(if release { "release" } else { "dev" })
+            .arg("--manifest-path")
             .arg(root.join("crates/fedsvd-py/Cargo.toml"))
             .arg("--out")
             .arg(&out)
@@ -167,7 +171,7 @@ pub fn wheel(root: &Path, args: &[String]) -> anyhow::Result<()> {
         other => bail!("usage: cargo xtask wheel [--test] (got {other:?})"),
     };
     let started = Instant::now();
-    let wheel = build_wheel(root)?;
+    let wheel = build_wheel(root, true)?;
     println!(
         "wheel: {} ({:.1} s)",
         wheel.display(),
