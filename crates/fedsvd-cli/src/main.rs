@@ -64,7 +64,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the main job: federated DP fine-tuning of MiniLM on Rotten Tomatoes
-    /// sentiment with FedSVD (ε = 6, δ = 1e-5, 6 clients, 3 per round), or
+    /// sentiment with FedSVD (ε = 6, δ = 1e-5, 6 clients, all in every round), or
     /// any configuration (presets, config files, --set overrides, resume).
     Run(run::RunArgs),
     /// Run a grid of methods × ε × seeds (resumable), then write results.md,

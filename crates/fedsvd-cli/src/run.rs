@@ -19,10 +19,10 @@ pub struct RunArgs {
     /// changes (see --print-config for every key).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Starting point: quick (about a minute on 2 cores), default (about 5
+    /// Starting point: quick (about a minute on 2 cores), default (about 10
     /// minutes: MiniLM on Rotten Tomatoes with FedSVD at ε = 6, δ = 1e-5,
-    /// 6 clients, Dirichlet α = 0.5, 3 per round), or paper (the paper's
-    /// hyper-parameters; hours).
+    /// 6 clients, Dirichlet α = 0.5, all 6 in each of 20 rounds), or paper
+    /// (the paper's hyper-parameters; hours).
     #[arg(long, value_enum, default_value_t = Preset::Default)]
     pub preset: Preset,
     /// The method: fedsvd, ffa, fedavg, flora or fedex (default: the preset's,
