@@ -125,7 +125,7 @@ pub fn deploy_check(root: &Path, args: &[String]) -> anyhow::Result<()> {
         "fault drill: SuperNode of partition 1 killed in round 2",
         || {
             let out = with_sets(fedsvd(root).args(["deploy", "local"]))
-                .args(["--round-timeout", "20", "--base-port", "19291"])
+                .args(["--round-timeout", "90", "--base-port", "19291"])
                 .args(["--kill-partition", "1", "--kill-in-round", "2"])
                 .arg("--out")
                 .arg(&killed)
