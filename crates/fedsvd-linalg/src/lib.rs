@@ -28,4 +28,4 @@ pub use randomized::{
     FactoredSum, LinearOperator, RsvdParams, randomized_svd, refactorize_randomized,
 };
 pub use scalar::Real;
-pub use svd::{ThinSvd, refactorize_dense, thin_svd};
+pub use svd::{ThinSvd, refactorize_dense, singular_values, thin_svd};

@@ -57,6 +57,9 @@ pub trait Real:
     /// descending. Input must be finite and non-empty (checked by callers).
     fn faer_thin_svd(a: ArrayView2<'_, Self>)
     -> Result<(Array2<Self>, Array1<Self>, Array2<Self>)>;
+    /// Singular values only through faer, descending. Input must be finite
+    /// and non-empty (checked by callers).
+    fn faer_singular_values(a: ArrayView2<'_, Self>) -> Result<Array1<Self>>;
 }
 
 macro_rules! impl_real {
@@ -126,6 +129,20 @@ macro_rules! impl_real {
                 let vt_out = Array2::from_shape_fn((k, n), |(i, j)| v[(j, i)]);
                 let s_out = Array1::from_shape_fn(k, |i| s[i]);
                 Ok((u_out, s_out, vt_out))
+            }
+            fn faer_singular_values(a: ArrayView2<'_, Self>) -> Result<Array1<Self>> {
+                let (m, n) = a.dim();
+                let owned = a.as_standard_layout();
+                let slice = owned
+                    .as_slice()
+                    .expect("as_standard_layout yields a contiguous array");
+                let view = faer::MatRef::from_row_major_slice(slice, m, n);
+                let s = view.singular_values().map_err(|e| Error::NoConvergence {
+                    rows: m,
+                    cols: n,
+                    detail: format!("faer singular values: {e:?}"),
+                })?;
+                Ok(Array1::from(s))
             }
         }
     };

@@ -111,6 +111,23 @@ pub fn thin_svd<T: Real>(a: ArrayView2<'_, T>) -> Result<ThinSvd<T>> {
     Ok(ThinSvd { u, s, vt })
 }
 
+/// The singular values of a full `m × n` matrix, descending, without the
+/// singular vectors: for spectra of tall matrices (a Gauss–Newton factor
+/// with thousands of rows), where [`thin_svd`]'s vectors would cost most of
+/// the time and memory.
+///
+/// ```
+/// use ndarray::array;
+/// let m = array![[0.0_f64, 2.0], [3.0, 0.0], [0.0, 0.0]];
+/// let s = fedsvd_linalg::singular_values(m.view()).unwrap();
+/// assert!((s[0] - 3.0).abs() < 1e-12 && (s[1] - 2.0).abs() < 1e-12);
+/// ```
+pub fn singular_values<T: Real>(a: ArrayView2<'_, T>) -> Result<Array1<T>> {
+    check_nonempty("singular_values input", a)?;
+    check_finite("singular_values input", a)?;
+    T::faer_singular_values(a)
+}
+
 /// The reference refactorization: forms `M = B·A` densely, takes its thin
 /// SVD and keeps the leading `r` triplets, returning
 /// `(B_new, A_new) = (U_r·Σ_r, V_rᵀ)`. O(d_out·d_in·min(d_out, d_in)); use

@@ -4,7 +4,8 @@ mod common;
 
 use common::*;
 use fedsvd_linalg::{
-    Error, Real, factored_svd, refactorize, refactorize_dense, refactorize_many, thin_qr, thin_svd,
+    Error, Real, factored_svd, refactorize, refactorize_dense, refactorize_many, singular_values,
+    thin_qr, thin_svd,
 };
 use ndarray::{Array2, s};
 
@@ -319,6 +320,54 @@ fn dense_thin_svd_reconstructs_and_follows_the_sign_convention() {
         assert!(rows_follow_sign_convention(svd.vt.view()));
         assert!(svd.s.windows(2).into_iter().all(|w| w[0] >= w[1]));
     }
+}
+
+/// A known spectrum comes back, descending, for tall and wide inputs and
+/// in f32; a rank-deficient matrix gives (near) zeros past its rank; bad
+/// input is a typed error.
+#[test]
+fn singular_values_recover_a_known_spectrum() {
+    let mut g = rng(52);
+    let spectrum = ndarray::Array1::from(vec![9.0, 4.0, 1.5, 0.25, 1e-3]);
+    for (m, n) in [(60usize, 5usize), (5, 60), (40, 12)] {
+        let x = with_spectrum(&mut g, m, n, &spectrum);
+        let s = singular_values(x.view()).unwrap();
+        assert_eq!(s.len(), m.min(n));
+        for (i, &want) in spectrum.iter().enumerate() {
+            assert!(
+                (s[i] - want).abs() <= 1e-12 * 9.0,
+                "{m}x{n} s[{i}] = {}",
+                s[i]
+            );
+        }
+        assert!(
+            s.iter()
+                .skip(spectrum.len())
+                .all(|&v| v.abs() <= 1e-12 * 9.0)
+        );
+        assert!(s.windows(2).into_iter().all(|w| w[0] >= w[1]));
+        let dense = thin_svd(x.view()).unwrap().s;
+        assert!(
+            max_abs_diff(
+                s.view().insert_axis(ndarray::Axis(0)),
+                dense.view().insert_axis(ndarray::Axis(0))
+            ) <= 1e-12 * 9.0
+        );
+        let x32 = x.mapv(|v| v as f32);
+        let s32 = singular_values(x32.view()).unwrap();
+        assert!((f64::from(s32[0]) - 9.0).abs() <= 1e-5 * 9.0);
+    }
+    let mut bad: Array2<f64> = gaussian(&mut g, 4, 3);
+    bad[[2, 1]] = f64::NAN;
+    assert!(matches!(
+        singular_values(bad.view()),
+        Err(Error::NonFinite { row: 2, col: 1, .. })
+    ));
+    let empty = Array2::<f64>::zeros((0, 3));
+    assert!(matches!(
+        singular_values(empty.view()),
+        Err(Error::Empty { .. })
+    ));
 }
 
 /// In place gives the allocating path's numbers (bit for bit in f64, where

@@ -407,8 +407,10 @@ pub fn gauss_newton_conditioning(
         .into_iter()
         .map(|(module, m)| {
             let parameters = m.ncols();
-            let svd = fedsvd_linalg::thin_svd(m.view())?;
-            let lambdas: Vec<f64> = svd.s.iter().map(|s| s * s).collect();
+            let lambdas: Vec<f64> = fedsvd_linalg::singular_values(m.view())?
+                .iter()
+                .map(|s| s * s)
+                .collect();
             let lambda_max = lambdas.iter().copied().fold(0.0f64, f64::max);
             let kept: Vec<f64> = lambdas
                 .into_iter()
