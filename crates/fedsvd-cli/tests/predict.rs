@@ -106,173 +106,163 @@ fn meta(dir: &Path) -> ExportMeta {
     }
 }
 
-#[test]
-fn predict_reproduces_the_exported_adapter() {
+/// The two forms `fedsvd predict` reads.
+#[derive(Clone, Copy)]
+enum Form {
+    PeftAdapter,
+    MergedCheckpoint,
+}
+
+/// The real MiniLM with random non-zero adapters and head, exported in
+/// `form` to a scratch folder, with the in-memory model and state the
+/// printed logits must reproduce.
+struct Exported {
+    dir: PathBuf,
+    out: Scratch,
+    model: Model,
+    state: LoraState,
+    tok: Tokenizer,
+}
+
+fn export(form: Form, pooling: Pooling, lora: LoraConfig, seed: u64, tag: &str) -> Exported {
     let (dir, w, tok) = setup();
     let head = HeadConfig {
         num_labels: 2,
-        pooling: Pooling::ClsPooler,
+        pooling,
     };
-    let model = Model::new(w.clone(), LoraConfig::default(), head).unwrap();
-    let mut state = model.init_state(3).unwrap();
-    randomize(&mut state, 40);
-    let out = Scratch::new("adapter");
-    save_peft_adapter(
-        &out.0,
-        &w.config,
-        model.lora_config(),
-        &head,
-        &state,
-        &meta(&dir),
-    )
+    let model = Model::new(w.clone(), lora, head).unwrap();
+    let mut state = model.init_state(seed).unwrap();
+    randomize(&mut state, 1000 * seed);
+    let out = Scratch::new(tag);
+    match form {
+        Form::PeftAdapter => save_peft_adapter(
+            &out.0,
+            &w.config,
+            model.lora_config(),
+            &head,
+            &state,
+            &meta(&dir),
+        ),
+        Form::MergedCheckpoint => {
+            save_merged_checkpoint(&out.0, &w, model.lora_config(), &head, &state, &meta(&dir))
+        }
+    }
     .unwrap();
-    let printed = predict(&[
-        "--adapter",
-        out.0.to_str().unwrap(),
-        "--json",
-        TEXTS[0],
-        TEXTS[1],
-        TEXTS[2],
-    ]);
+    Exported {
+        dir,
+        out,
+        model,
+        state,
+        tok,
+    }
+}
+
+impl Exported {
+    /// `fedsvd predict --adapter <export> --json TEXTS…`, checked against
+    /// the in-memory model; returns what it printed.
+    fn predict_and_check(&self) -> serde_json::Value {
+        let printed = predict(&[
+            "--adapter",
+            self.out.0.to_str().unwrap(),
+            "--json",
+            TEXTS[0],
+            TEXTS[1],
+            TEXTS[2],
+        ]);
+        check(&printed, &self.model, &self.state, &self.tok);
+        printed
+    }
+}
+
+#[test]
+fn predict_reproduces_the_exported_adapter() {
+    let e = export(
+        Form::PeftAdapter,
+        Pooling::ClsPooler,
+        LoraConfig::default(),
+        3,
+        "adapter",
+    );
+    let printed = e.predict_and_check();
     assert_eq!(printed["kind"], "peft_lora");
     assert_eq!(printed["max_len"], 32);
     assert_eq!(printed["labels"], serde_json::json!(["neg", "pos"]));
-    check(&printed, &model, &state, &tok);
 }
 
 #[test]
 fn predict_reproduces_the_merged_checkpoint() {
-    let (dir, w, tok) = setup();
-    let head = HeadConfig {
-        num_labels: 2,
-        pooling: Pooling::ClsPooler,
-    };
     let lora = LoraConfig {
         rank: 2,
         targets: vec![Target::Value, Target::Intermediate],
         ..LoraConfig::default()
     };
-    let model = Model::new(w.clone(), lora, head).unwrap();
-    let mut state = model.init_state(4).unwrap();
-    randomize(&mut state, 80);
-    let out = Scratch::new("merged");
-    save_merged_checkpoint(&out.0, &w, model.lora_config(), &head, &state, &meta(&dir)).unwrap();
-    assert!(out.0.join("tokenizer.json").is_file());
-    let printed = predict(&[
-        "--adapter",
-        out.0.to_str().unwrap(),
-        "--json",
-        TEXTS[0],
-        TEXTS[1],
-        TEXTS[2],
-    ]);
-    assert_eq!(printed["kind"], "merged_checkpoint");
-    check(&printed, &model, &state, &tok);
+    let e = export(
+        Form::MergedCheckpoint,
+        Pooling::ClsPooler,
+        lora,
+        4,
+        "merged",
+    );
+    assert!(e.out.0.join("tokenizer.json").is_file());
+    assert_eq!(e.predict_and_check()["kind"], "merged_checkpoint");
 }
 
 #[test]
 fn predict_reproduces_a_mean_pooling_adapter() {
-    let (dir, w, tok) = setup();
-    let head = HeadConfig {
-        num_labels: 2,
-        pooling: Pooling::Mean,
-    };
     let lora = LoraConfig {
         targets: vec![Target::Query, Target::Value, Target::Output],
         ..LoraConfig::default()
     };
-    let model = Model::new(w.clone(), lora, head).unwrap();
-    let mut state = model.init_state(5).unwrap();
-    randomize(&mut state, 120);
-    let out = Scratch::new("mean-adapter");
-    save_peft_adapter(
-        &out.0,
-        &w.config,
-        model.lora_config(),
-        &head,
-        &state,
-        &meta(&dir),
-    )
-    .unwrap();
-    assert!(out.0.join("head.safetensors").is_file());
-    let printed = predict(&[
-        "--adapter",
-        out.0.to_str().unwrap(),
-        "--json",
-        TEXTS[0],
-        TEXTS[1],
-        TEXTS[2],
-    ]);
+    let e = export(Form::PeftAdapter, Pooling::Mean, lora, 5, "mean-adapter");
+    assert!(e.out.0.join("head.safetensors").is_file());
+    let printed = e.predict_and_check();
     assert_eq!(printed["kind"], "peft_lora");
     assert_eq!(printed["pooling"], "mean");
-    check(&printed, &model, &state, &tok);
 }
 
 #[test]
 fn predict_reproduces_a_mean_pooling_merged_checkpoint() {
-    let (dir, w, tok) = setup();
-    let head = HeadConfig {
-        num_labels: 2,
-        pooling: Pooling::Mean,
-    };
     let lora = LoraConfig {
         rank: 2,
         targets: vec![Target::Key, Target::AttentionOutput],
         ..LoraConfig::default()
     };
-    let model = Model::new(w.clone(), lora, head).unwrap();
-    let mut state = model.init_state(6).unwrap();
-    randomize(&mut state, 160);
-    let out = Scratch::new("mean-merged");
-    save_merged_checkpoint(&out.0, &w, model.lora_config(), &head, &state, &meta(&dir)).unwrap();
-    let printed = predict(&[
-        "--adapter",
-        out.0.to_str().unwrap(),
-        "--json",
-        TEXTS[0],
-        TEXTS[1],
-        TEXTS[2],
-    ]);
+    let e = export(
+        Form::MergedCheckpoint,
+        Pooling::Mean,
+        lora,
+        6,
+        "mean-merged",
+    );
+    let printed = e.predict_and_check();
     assert_eq!(printed["kind"], "merged_checkpoint");
     assert_eq!(printed["pooling"], "mean");
-    check(&printed, &model, &state, &tok);
 }
 
 #[test]
 fn a_peft_adapter_naming_the_hub_model_loads_from_the_local_copy() {
     // As PEFT writes it for a model loaded from the Hub: no fedsvd sidecar,
     // and base_model_name_or_path is the Hub id, not a folder.
-    let (dir, w, tok) = setup();
-    let head = HeadConfig {
-        num_labels: 2,
-        pooling: Pooling::ClsPooler,
-    };
-    let model = Model::new(w.clone(), LoraConfig::default(), head).unwrap();
-    let mut state = model.init_state(6).unwrap();
-    randomize(&mut state, 160);
-    let out = Scratch::new("hub-id");
-    save_peft_adapter(
-        &out.0,
-        &w.config,
-        model.lora_config(),
-        &head,
-        &state,
-        &meta(&dir),
-    )
-    .unwrap();
-    std::fs::remove_file(out.0.join(fedsvd_model::peft::SIDECAR_FILE)).unwrap();
-    let config_path = out.0.join(fedsvd_model::peft::ADAPTER_CONFIG_FILE);
+    let e = export(
+        Form::PeftAdapter,
+        Pooling::ClsPooler,
+        LoraConfig::default(),
+        7,
+        "hub-id",
+    );
+    std::fs::remove_file(e.out.0.join(fedsvd_model::peft::SIDECAR_FILE)).unwrap();
+    let config_path = e.out.0.join(fedsvd_model::peft::ADAPTER_CONFIG_FILE);
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     config["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2".into();
     std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
 
-    // The assets folder is the one holding `dir` (<assets>/models/<name>).
-    let assets = dir.parent().unwrap().parent().unwrap();
+    // The assets folder is the one holding the model (<assets>/models/<name>).
+    let assets = e.dir.parent().unwrap().parent().unwrap();
     let run = |assets: &Path| {
         Command::new(env!("CARGO_BIN_EXE_fedsvd"))
             .env("FEDSVD_ASSETS", assets)
-            .args(["predict", "--adapter", out.0.to_str().unwrap(), "--json"])
+            .args(["predict", "--adapter", e.out.0.to_str().unwrap(), "--json"])
             .args(TEXTS)
             .output()
             .unwrap()
@@ -284,7 +274,7 @@ fn a_peft_adapter_naming_the_hub_model_loads_from_the_local_copy() {
         String::from_utf8_lossy(&found.stderr)
     );
     let printed: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
-    check(&printed, &model, &state, &tok);
+    check(&printed, &e.model, &e.state, &e.tok);
 
     // Without a local copy the error names the Hub id and where it looked.
     let empty = Scratch::new("hub-id-no-assets");
