@@ -1,9 +1,10 @@
 //! The DP-SGD gradient step on a [`fedsvd_kernels::Backend`]: the frozen
 //! encoder uploaded once, then for a batch the embeddings, every layer's
-//! forward and backward pass, LoRA (only `B` trainable), the head, the
-//! per-example cross-entropy, the per-example gradients of every `B`, their
-//! joint norms and the clipped sum, all on the backend; the host receives the
-//! sum, the norms, the losses and the logits.
+//! forward and backward pass, LoRA (`A`, `B` or both trainable, as the CPU
+//! model allows), the head, the per-example cross-entropy, the per-example
+//! gradients of every trainable factor, their joint norms and the clipped
+//! sum, all on the backend; the host receives the sum, the norms, the losses
+//! and the logits.
 //!
 //! The same code runs on the CPU backend of the kernels crate, which is how
 //! its agreement with [`Model::gradients`] is tested on machines without a
@@ -12,7 +13,11 @@
 //! Layout: a batch is kept padded (`[batch · seq, width]` row-major). Padded
 //! keys are masked out of attention, so padded rows never influence a real
 //! row and receive exactly zero gradient; the per-example gradient of a `B`
-//! is `Σ_t dY_tᵀ H_t` over the example's rows (padded rows add zero).
+//! is `Σ_t dY_tᵀ H_t` and that of an `A` is `Σ_t dH_tᵀ x̃_t` (`x̃` the
+//! adapter's input after LoRA dropout, `dH = s · dY B`) over the example's
+//! rows (padded rows add zero). Both land in the slots of the CPU model's
+//! [`ParamLayout`], so norms, clipping, noise and the update see the same
+//! vector on either device.
 //! Dropout masks come from the kernels' `dropout_mask`, keyed as the CPU
 //! model keys them (adapter index, example index in the batch), so the real
 //! rows see the same masks as on the CPU.
@@ -191,8 +196,10 @@ struct DevAdapter {
     d_out: usize,
     a: Buffer,
     b: Buffer,
-    /// Offset of its `B` in the flat layout.
-    slot: usize,
+    /// Offset of its `A` in the flat layout, when `A` trains.
+    a_slot: Option<usize>,
+    /// Offset of its `B` in the flat layout, when `B` trains.
+    b_slot: Option<usize>,
 }
 
 struct DevState {
@@ -211,6 +218,10 @@ struct Scratch {
     mask: Buffer,
     tmp: Buffer,
     tmp2: Buffer,
+    /// All ones, `[N, width]`, when some `A` trains: without dropout the
+    /// adapter's input is copied into its `xa` as `x ⊙ 1` (the backends have
+    /// no copy, and the product is exact).
+    ones: Option<Buffer>,
 }
 
 /// What one layer keeps for the backward pass.
@@ -241,6 +252,10 @@ struct Workspace {
     tapes: Vec<Tape>,
     /// `s · dropout(x) Aᵀ` of every adapter, `[N, r]`.
     hs: Vec<Buffer>,
+    /// `dropout(x)` of every adapter whose `A` trains, `[N, d_in]`: kept
+    /// from the forward pass because `x` itself is overwritten by later
+    /// layers before the backward pass reaches the adapter.
+    xa: Vec<Option<Buffer>>,
     hid: [Buffer; 2],
     emb_mean: Buffer,
     emb_rstd: Buffer,
@@ -342,11 +357,51 @@ fn dropout_spec(p: f32, seed: u64, stream: usize) -> DropoutSpec {
     }
 }
 
+/// Uploads the frozen tensors of `w` (the pooler only where the head uses
+/// it); returns them with their size in bytes.
+fn upload_frozen(be: &Backend, w: &BertWeights, pooling: Pooling) -> Result<(Frozen, usize)> {
+    let mut bytes = 0;
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for lw in &w.layers {
+        layers.push(DevLayer {
+            qkv: linear(be, &lw.qkv, &mut bytes)?,
+            attn_out: linear(be, &lw.attn_out, &mut bytes)?,
+            ln1: (
+                up(be, &lw.attn_ln.gamma, &mut bytes)?,
+                up(be, &lw.attn_ln.beta, &mut bytes)?,
+            ),
+            inter: linear(be, &lw.intermediate, &mut bytes)?,
+            output: linear(be, &lw.output, &mut bytes)?,
+            ln2: (
+                up(be, &lw.output_ln.gamma, &mut bytes)?,
+                up(be, &lw.output_ln.beta, &mut bytes)?,
+            ),
+        });
+    }
+    let pooler = match (&w.pooler, pooling) {
+        (Some(p), Pooling::ClsPooler) => Some(linear(be, p, &mut bytes)?),
+        _ => None,
+    };
+    let frozen = Frozen {
+        word: up(be, &w.word_embeddings, &mut bytes)?,
+        position: up(be, &w.position_embeddings, &mut bytes)?,
+        token_type: up(be, &w.token_type_embeddings, &mut bytes)?,
+        emb_ln: (
+            up(be, &w.embeddings_ln.gamma, &mut bytes)?,
+            up(be, &w.embeddings_ln.beta, &mut bytes)?,
+        ),
+        layers,
+        pooler,
+    };
+    Ok((frozen, bytes))
+}
+
 impl GpuModel {
-    /// Uploads the frozen encoder of `weights` to `backend`. The `B`
-    /// factors train, and the classifier head when `train_head` is on;
-    /// `train_a` must be off and `train_b` on (other configurations are an
-    /// [`Error::UnsupportedConfig`]).
+    /// Uploads the frozen encoder of `weights` to `backend`. Whatever
+    /// `lora` makes trainable trains, as on the CPU [`Model`]: the `A`
+    /// factors, the `B` factors or both, and the classifier head when
+    /// `train_head` is on; a configuration that trains nothing is an
+    /// [`Error::UnsupportedConfig`].
     /// GEMMs of the encoder run at `precision`; the LoRA products, the
     /// head and the per-example gradients always in f32.
     pub fn new(
@@ -356,11 +411,9 @@ impl GpuModel {
         head: HeadConfig,
         precision: Precision,
     ) -> Result<Self> {
-        if lora.train_a || !lora.train_b {
+        if !(lora.train_a || lora.train_b || lora.train_head) {
             return Err(Error::UnsupportedConfig(
-                "the GPU step trains the LoRA B factors (and the head), not A: methods that \
-                 train A (FedAvg-LoRA, FLoRA, FedEx-LoRA) run on the CPU"
-                    .into(),
+                "the GPU step needs something to train: the LoRA A or B factors or the head".into(),
             ));
         }
         if lora.targets.is_empty() {
@@ -382,39 +435,7 @@ impl GpuModel {
             Backend::Cuda(c) => c.memory_info().ok().map(|(free, total)| total - free),
             Backend::Cpu(_) => None,
         };
-        let mut bytes = 0;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for lw in &w.layers {
-            layers.push(DevLayer {
-                qkv: linear(&be, &lw.qkv, &mut bytes)?,
-                attn_out: linear(&be, &lw.attn_out, &mut bytes)?,
-                ln1: (
-                    up(&be, &lw.attn_ln.gamma, &mut bytes)?,
-                    up(&be, &lw.attn_ln.beta, &mut bytes)?,
-                ),
-                inter: linear(&be, &lw.intermediate, &mut bytes)?,
-                output: linear(&be, &lw.output, &mut bytes)?,
-                ln2: (
-                    up(&be, &lw.output_ln.gamma, &mut bytes)?,
-                    up(&be, &lw.output_ln.beta, &mut bytes)?,
-                ),
-            });
-        }
-        let pooler = match (&w.pooler, head.pooling) {
-            (Some(p), Pooling::ClsPooler) => Some(linear(&be, p, &mut bytes)?),
-            _ => None,
-        };
-        let frozen = Frozen {
-            word: up(&be, &w.word_embeddings, &mut bytes)?,
-            position: up(&be, &w.position_embeddings, &mut bytes)?,
-            token_type: up(&be, &w.token_type_embeddings, &mut bytes)?,
-            emb_ln: (
-                up(&be, &w.embeddings_ln.gamma, &mut bytes)?,
-                up(&be, &w.embeddings_ln.beta, &mut bytes)?,
-            ),
-            layers,
-            pooler,
-        };
+        let (frozen, bytes) = upload_frozen(&be, &w, head.pooling)?;
         Ok(Self {
             be,
             model,
@@ -427,6 +448,33 @@ impl GpuModel {
             mem_base,
             uploaded: None,
         })
+    }
+
+    /// Replaces the frozen encoder by `weights` (a model of the same
+    /// configuration, e.g. the base plus the deltas FLoRA and FedEx-LoRA
+    /// merge each round); nothing is uploaded when they are the weights in
+    /// use. The new tensors are uploaded before the old ones are released,
+    /// so on an error the engine keeps computing with the old weights.
+    pub fn set_weights(&mut self, weights: Arc<BertWeights>) -> Result<()> {
+        if Arc::ptr_eq(&weights, self.model.weights()) {
+            return Ok(());
+        }
+        if weights.config != self.model.weights().config {
+            return Err(Error::UnsupportedConfig(
+                "new frozen weights must have the configuration of the uploaded ones".into(),
+            ));
+        }
+        let model = Model::new(
+            weights,
+            self.model.lora_config().clone(),
+            *self.model.head_config(),
+        )?;
+        let (frozen, bytes) =
+            upload_frozen(&self.be, model.weights(), self.model.head_config().pooling)?;
+        self.frozen = frozen;
+        self.frozen_bytes = bytes;
+        self.model = model;
+        Ok(())
     }
 
     /// [`GpuModel::new`] on CUDA device 0; an error (never a panic) when
@@ -513,26 +561,6 @@ impl GpuModel {
         self.model.check_state(state)?;
         let layout = self.model.layout(state);
         let mut bytes = 0;
-        let mut adapters = Vec::with_capacity(state.adapters.len());
-        for (i, ad) in state.adapters.iter().enumerate() {
-            let slot = layout
-                .slots
-                .iter()
-                .find(|s| s.kind == ParamKind::B(i))
-                .map(|s| s.offset)
-                .ok_or_else(|| Error::InvalidOption(format!("adapter {i} has no B slot")))?;
-            adapters.push(DevAdapter {
-                layer: ad.layer,
-                target: ad.target,
-                d_in: ad.d_in,
-                d_out: ad.d_out,
-                a: up(&self.be, &ad.a, &mut bytes)?,
-                b: up(&self.be, &ad.b, &mut bytes)?,
-                slot,
-            });
-        }
-        let head_w = up(&self.be, &state.head_weight, &mut bytes)?;
-        let head_b = up(&self.be, &state.head_bias, &mut bytes)?;
         let slot = |kind: ParamKind| {
             layout
                 .slots
@@ -540,6 +568,21 @@ impl GpuModel {
                 .find(|s| s.kind == kind)
                 .map(|s| s.offset)
         };
+        let mut adapters = Vec::with_capacity(state.adapters.len());
+        for (i, ad) in state.adapters.iter().enumerate() {
+            adapters.push(DevAdapter {
+                layer: ad.layer,
+                target: ad.target,
+                d_in: ad.d_in,
+                d_out: ad.d_out,
+                a: up(&self.be, &ad.a, &mut bytes)?,
+                b: up(&self.be, &ad.b, &mut bytes)?,
+                a_slot: slot(ParamKind::A(i)),
+                b_slot: slot(ParamKind::B(i)),
+            });
+        }
+        let head_w = up(&self.be, &state.head_weight, &mut bytes)?;
+        let head_b = up(&self.be, &state.head_bias, &mut bytes)?;
         let head_slots = slot(ParamKind::HeadWeight).zip(slot(ParamKind::HeadBias));
         self.state = Some(DevState {
             adapters,
@@ -654,9 +697,15 @@ impl GpuModel {
             });
         }
         let mut hs = Vec::new();
-        for _ in &st.adapters {
+        let mut xa = Vec::new();
+        for ad in &st.adapters {
             hs.push(z(n * d.rank)?);
+            xa.push(match ad.a_slot {
+                Some(_) => Some(z(n * ad.d_in)?),
+                None => None,
+            });
         }
+        let trains_a = st.adapters.iter().any(|a| a.a_slot.is_some());
         let mut widths: Vec<usize> = st.adapters.iter().map(|a| a.d_in).collect();
         widths.sort_unstable();
         widths.dedup();
@@ -667,13 +716,16 @@ impl GpuModel {
                 mask: z(n * width)?,
                 tmp: z(n * width)?,
                 tmp2: z(n * width)?,
+                ones: None,
             });
         }
-        let ws = Workspace {
+
+        let mut ws = Workspace {
             batch,
             seq,
             tapes,
             hs,
+            xa,
             hid: [z(n * d.h)?, z(n * d.h)?],
             emb_mean: z(n)?,
             emb_rstd: z(n)?,
@@ -713,6 +765,12 @@ impl GpuModel {
             sum: z(p)?,
             bytes: 0,
         };
+        if trains_a {
+            for sc in &mut ws.scratch {
+                bytes += n * sc.width * 4;
+                sc.ones = Some(be.upload(&vec![1.0; n * sc.width]).map_err(kerr)?);
+            }
+        }
         self.ws = Some(Workspace {
             bytes: bytes + n * 4,
             ..ws
@@ -729,7 +787,7 @@ impl GpuModel {
         }
         self.ensure_workspace(batch.len(), batch.seq_len)?;
         let mut ws = self.ws.take().ok_or_else(no_state)?;
-        let r = self.forward(&mut ws, batch, None);
+        let r = self.forward(&mut ws, batch, None, false);
         let r = r.and_then(|()| self.be.download(&ws.logits).map_err(kerr));
         self.ws = Some(ws);
         r
@@ -763,6 +821,28 @@ impl GpuModel {
         dropout_seed: Option<u64>,
     ) -> Result<GpuGradients> {
         self.step(batch, labels, None, dropout_seed)
+    }
+
+    /// Every example's gradient, `[batch, P]` row-major in [`ParamLayout`]
+    /// order (as [`Model::per_example_gradients`]): the matrix the norms and
+    /// the clipped sum are computed from, downloaded whole, for checks of
+    /// each slot against the CPU model.
+    pub fn per_example_gradients(
+        &mut self,
+        batch: &Batch,
+        labels: &[usize],
+        dropout_seed: Option<u64>,
+    ) -> Result<Vec<f32>> {
+        self.step(batch, labels, None, dropout_seed)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let p = self.state.as_ref().ok_or_else(no_state)?.layout.len;
+        let ws = self.ws.as_ref().ok_or_else(no_state)?;
+        let mut g = self.be.download(&ws.grads).map_err(kerr)?;
+        // The buffer holds at least one value even when P is 0.
+        g.truncate(batch.len() * p);
+        Ok(g)
     }
 
     fn step(
@@ -816,7 +896,7 @@ impl GpuModel {
         let be = &self.be;
         let st = self.state.as_ref().ok_or_else(no_state)?;
         let (bsz, seq) = (batch.len(), batch.seq_len);
-        self.forward(ws, batch, dropout)?;
+        self.forward(ws, batch, dropout, true)?;
         let labels32: Vec<u32> = labels.iter().map(|&y| y as u32).collect();
         let classes = self.model.head_config().num_labels;
         be.cross_entropy(
@@ -875,6 +955,15 @@ impl GpuModel {
         dropout: Option<(f32, u64)>,
     ) -> Result<()> {
         self.head_backward(ws, &mut dio.dhead, bsz, seq)?;
+        let st = self.state.as_ref().ok_or_else(no_state)?;
+        if st
+            .adapters
+            .iter()
+            .all(|a| a.a_slot.is_none() && a.b_slot.is_none())
+        {
+            // Only the head trains: nothing below it has a gradient to keep.
+            return Ok(());
+        }
         let layers = self.frozen.layers.len();
         for l in (0..layers).rev() {
             let (a, b) = dio.d.split_at_mut(1);
@@ -890,12 +979,15 @@ impl GpuModel {
         Ok(())
     }
 
-    /// Embeddings, every layer and the head up to the logits.
+    /// Embeddings, every layer and the head up to the logits. `train`:
+    /// keep what the backward pass needs beyond the tapes (the inputs of
+    /// the adapters whose `A` trains).
     fn forward(
         &self,
         ws: &mut Workspace,
         batch: &Batch,
         dropout: Option<(f32, u64)>,
+        train: bool,
     ) -> Result<()> {
         let be = &self.be;
         let d = self.dims();
@@ -938,7 +1030,7 @@ impl GpuModel {
         )
         .map_err(kerr)?;
         for l in 0..f.layers.len() {
-            self.layer_forward(l, ws, bsz, seq, dropout)?;
+            self.layer_forward(l, ws, bsz, seq, dropout, train)?;
         }
         self.head_forward(ws, bsz, seq)
     }
@@ -950,6 +1042,7 @@ impl GpuModel {
         x: &Buffer,
         y: Out<'_>,
         hs: &mut Buffer,
+        xa: Option<&mut Buffer>,
         scratch: &mut [Scratch],
         n: usize,
         bsz: usize,
@@ -960,12 +1053,14 @@ impl GpuModel {
         let ad = &st.adapters[ai];
         let r = self.model.lora_config().rank;
         let s = self.model.lora_config().scale();
-        let input: &Buffer = match dropout {
-            Some((p, seed)) => {
-                let sc = scratch
-                    .iter_mut()
-                    .find(|sc| sc.width == ad.d_in)
-                    .ok_or_else(no_state)?;
+        let sc = scratch
+            .iter_mut()
+            .find(|sc| sc.width == ad.d_in)
+            .ok_or_else(no_state)?;
+        // `xa` (when A trains) receives dropout(x), which A's per-example
+        // gradient reads in the backward pass.
+        let input: &Buffer = match (dropout, xa) {
+            (Some((p, seed)), xa) => {
                 be.dropout_mask(
                     &dropout_spec(p, seed, ai),
                     bsz,
@@ -973,10 +1068,19 @@ impl GpuModel {
                     &mut sc.mask,
                 )
                 .map_err(kerr)?;
-                be.mul(x, &sc.mask, &mut sc.tmp).map_err(kerr)?;
-                &sc.tmp
+                let dst = match xa {
+                    Some(xa) => xa,
+                    None => &mut sc.tmp,
+                };
+                be.mul(x, &sc.mask, dst).map_err(kerr)?;
+                &*dst
             }
-            None => x,
+            (None, Some(xa)) => {
+                let ones = sc.ones.as_ref().ok_or_else(no_state)?;
+                be.mul(x, ones, xa).map_err(kerr)?;
+                x
+            }
+            (None, None) => x,
         };
         // Hs = s · dropout(x) Aᵀ, [n, r]
         gemm(
@@ -1004,9 +1108,10 @@ impl GpuModel {
         )
     }
 
-    /// Per-example gradient of adapter `ai`'s `B` from the gradient of its
-    /// projection output (`dy`, columns from `col0`, row stride `ld`), and
-    /// its contribution to the input gradient `dx` when given.
+    /// Per-example gradients of adapter `ai`'s trainable factors from the
+    /// gradient of its projection output (`dy`, columns from `col0`, row
+    /// stride `ld`), and its contribution to the input gradient `dx` when
+    /// given. `xa` holds the adapter's input after dropout when `A` trains.
     #[allow(clippy::too_many_arguments)]
     fn adapter_backward(
         &self,
@@ -1016,6 +1121,7 @@ impl GpuModel {
         col0: usize,
         dx: Option<&mut Buffer>,
         ws_hs: &Buffer,
+        xa: Option<&Buffer>,
         dh: &mut Buffer,
         grads: &mut Buffer,
         scratch: &mut [Scratch],
@@ -1029,27 +1135,40 @@ impl GpuModel {
         let s = self.model.lora_config().scale();
         let n = bsz * seq;
         let p = st.layout.len;
-        // g_i = Σ_t dY_tᵀ Hs_t: one [d_out, r] block per example in row i
-        // of the [batch, P] gradient matrix.
-        gemm(
-            be,
-            Precision::F32,
-            (ad.d_out, r, seq),
-            bsz,
-            1.0,
-            mat(dy, ld).at(col0).t().every(seq * ld),
-            mat(ws_hs, r).every(seq * r),
-            0.0,
-            Out {
-                buf: grads,
-                ld: r,
-                off: ad.slot,
-                stride: p,
-            },
-        )?;
-        let Some(dx) = dx else {
-            return Ok(());
+        if let Some(slot) = ad.b_slot {
+            // g_i = Σ_t dY_tᵀ Hs_t: one [d_out, r] block per example in row
+            // i of the [batch, P] gradient matrix.
+            gemm(
+                be,
+                Precision::F32,
+                (ad.d_out, r, seq),
+                bsz,
+                1.0,
+                mat(dy, ld).at(col0).t().every(seq * ld),
+                mat(ws_hs, r).every(seq * r),
+                0.0,
+                Out {
+                    buf: grads,
+                    ld: r,
+                    off: slot,
+                    stride: p,
+                },
+            )?;
+        }
+        // dH is needed for A's gradient even where no input gradient is
+        // (the first layer's query, key and value).
+        let a_grad = match (ad.a_slot, xa) {
+            (Some(slot), Some(xa)) => Some((slot, xa)),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::Device(format!(
+                    "the input of adapter {ai}, whose A trains, was not kept by the forward pass"
+                )));
+            }
         };
+        if dx.is_none() && a_grad.is_none() {
+            return Ok(());
+        }
         // dH = s · dY B, [n, r]
         gemm(
             be,
@@ -1062,6 +1181,28 @@ impl GpuModel {
             0.0,
             out(dh, r),
         )?;
+        if let Some((slot, xa)) = a_grad {
+            // g_i = Σ_t dH_tᵀ dropout(x)_t: one [r, d_in] block per example.
+            gemm(
+                be,
+                Precision::F32,
+                (r, ad.d_in, seq),
+                bsz,
+                1.0,
+                mat(dh, r).t().every(seq * r),
+                mat(xa, ad.d_in).every(seq * ad.d_in),
+                0.0,
+                Out {
+                    buf: grads,
+                    ld: ad.d_in,
+                    off: slot,
+                    stride: p,
+                },
+            )?;
+        }
+        let Some(dx) = dx else {
+            return Ok(());
+        };
         match dropout {
             None => gemm(
                 be,
@@ -1157,6 +1298,7 @@ impl GpuModel {
         bsz: usize,
         seq: usize,
         dropout: Option<(f32, u64)>,
+        train: bool,
     ) -> Result<()> {
         let be = &self.be;
         let d = self.dims();
@@ -1185,6 +1327,7 @@ impl GpuModel {
                 x,
                 out(&mut tape.qkv, 3 * h).at(col0),
                 &mut ws.hs[ai],
+                if train { ws.xa[ai].as_mut() } else { None },
                 &mut ws.scratch,
                 n,
                 bsz,
@@ -1247,6 +1390,7 @@ impl GpuModel {
                 &ws.ctx,
                 out(&mut tape.r1, h),
                 &mut ws.hs[ai],
+                if train { ws.xa[ai].as_mut() } else { None },
                 &mut ws.scratch,
                 n,
                 bsz,
@@ -1281,6 +1425,7 @@ impl GpuModel {
                 &ws.y1,
                 out(&mut tape.inter, ff),
                 &mut ws.hs[ai],
+                if train { ws.xa[ai].as_mut() } else { None },
                 &mut ws.scratch,
                 n,
                 bsz,
@@ -1296,6 +1441,7 @@ impl GpuModel {
                 &ws.g,
                 out(&mut tape.r2, h),
                 &mut ws.hs[ai],
+                if train { ws.xa[ai].as_mut() } else { None },
                 &mut ws.scratch,
                 n,
                 bsz,
@@ -1368,6 +1514,7 @@ impl GpuModel {
                 0,
                 Some(&mut ws.dg),
                 &ws.hs[ai],
+                ws.xa[ai].as_ref(),
                 &mut ws.dh,
                 &mut ws.grads,
                 &mut ws.scratch,
@@ -1397,6 +1544,7 @@ impl GpuModel {
                 0,
                 Some(&mut ws.dy1),
                 &ws.hs[ai],
+                ws.xa[ai].as_ref(),
                 &mut ws.dh,
                 &mut ws.grads,
                 &mut ws.scratch,
@@ -1438,6 +1586,7 @@ impl GpuModel {
                 0,
                 Some(&mut ws.dctx),
                 &ws.hs[ai],
+                ws.xa[ai].as_ref(),
                 &mut ws.dh,
                 &mut ws.grads,
                 &mut ws.scratch,
@@ -1543,6 +1692,7 @@ impl GpuModel {
                 col0,
                 if need_dx { Some(&mut *dx) } else { None },
                 &ws.hs[ai],
+                ws.xa[ai].as_ref(),
                 &mut ws.dh,
                 &mut ws.grads,
                 &mut ws.scratch,

@@ -1,7 +1,8 @@
 //! The device training step (`fedsvd_model::gpu`) against the CPU model:
-//! logits, per-example losses, per-example gradient norms and the clipped
-//! sum of every `B` tensor, with and without LoRA dropout, on padded
-//! batches. The same code runs on the kernels' CPU backend (always) and on
+//! logits, per-example losses, per-example gradients, their norms and the
+//! clipped sum of every trainable tensor (`B` alone, `A` and `B`, `A`
+//! alone, with or without the head), with and without LoRA dropout, on
+//! padded batches. The same code runs on the kernels' CPU backend (always) and on
 //! CUDA; the CUDA tests print SKIP and pass without a device, and fail when
 //! `FEDSVD_REQUIRE_GPU=1` (the GPU machine's run sets it).
 
@@ -97,6 +98,8 @@ struct Case {
     examples: usize,
     max_len: usize,
     train_head: bool,
+    /// `(train_a, train_b)`.
+    factors: (bool, bool),
 }
 
 /// Runs one case on `be` and compares with the CPU model; `tol` is the
@@ -107,8 +110,8 @@ fn compare(be: Backend, weights: &Arc<BertWeights>, case: &Case, tol: f64) {
         alpha: 8.0,
         dropout: case.dropout,
         targets: case.targets.clone(),
-        train_a: false,
-        train_b: true,
+        train_a: case.factors.0,
+        train_b: case.factors.1,
         train_head: case.train_head,
     };
     let head = HeadConfig {
@@ -130,6 +133,27 @@ fn compare(be: Backend, weights: &Arc<BertWeights>, case: &Case, tol: f64) {
     assert!(e < tol, "eval logits: relative error {e:e}");
 
     let grads = model.gradients(&state, &b, &labels, seed).unwrap();
+    let layout = model.layout(&state);
+    assert_eq!(gpu.layout(), Some(&layout));
+    // Every slot of every example's gradient, before any reduction: a
+    // gradient written to the wrong slot, transposed or without its
+    // dropout mask fails here even where the sums would hide it.
+    let cpu_each = grads.per_example();
+    let each = gpu.per_example_gradients(&b, &labels, seed).unwrap();
+    assert_eq!(each.len(), cpu_each.len());
+    for i in 0..b.len() {
+        let row = i * layout.len;
+        for slot in &layout.slots {
+            let r = row + slot.offset..row + slot.offset + slot.len();
+            let e = rel(&each[r.clone()], &cpu_each[r]);
+            assert!(
+                e < tol,
+                "example {i}, {}: relative error {e:e} ({:?})",
+                slot.name,
+                case.factors
+            );
+        }
+    }
     let mut norms = grads.norms();
     norms.sort_by(f32::total_cmp);
     // Clip at the median norm: some examples are clipped, some are not.
@@ -142,7 +166,6 @@ fn compare(be: Backend, weights: &Arc<BertWeights>, case: &Case, tol: f64) {
     assert!(e < tol, "losses: relative error {e:e}");
     let e = rel(&out.norms, &cpu_norms);
     assert!(e < tol, "norms: relative error {e:e}");
-    let layout = model.layout(&state);
     assert_eq!(out.sum.len(), layout.len);
     for slot in &layout.slots {
         let r = slot.offset..slot.offset + slot.len();
@@ -162,37 +185,58 @@ fn compare(be: Backend, weights: &Arc<BertWeights>, case: &Case, tol: f64) {
     assert_eq!(again.sum, out.sum);
 }
 
+/// B alone (FedSVD, FFA-LoRA), A and B (FedAvg-LoRA, FLoRA, FedEx-LoRA),
+/// and A alone.
+const FACTORS: [(bool, bool); 3] = [(false, true), (true, true), (true, false)];
+
 fn tiny_cases() -> Vec<Case> {
     let mut v = Vec::new();
     for pooling in [Pooling::ClsPooler, Pooling::Mean] {
         for dropout in [0.0, 0.2] {
-            v.push(Case {
-                targets: vec![Target::Query, Target::Value],
-                pooling,
-                dropout,
-                examples: 5,
-                max_len: 12,
-                train_head: false,
-            });
-            // The head trains too (the default preset's configuration).
-            v.push(Case {
-                targets: vec![Target::Query, Target::Value],
-                pooling,
-                dropout,
-                examples: 6,
-                max_len: 10,
-                train_head: true,
-            });
-            v.push(Case {
-                targets: Target::ALL.to_vec(),
-                pooling,
-                dropout,
-                examples: 4,
-                max_len: 9,
-                train_head: false,
-            });
+            for factors in FACTORS {
+                v.push(Case {
+                    targets: vec![Target::Query, Target::Value],
+                    pooling,
+                    dropout,
+                    examples: 5,
+                    max_len: 12,
+                    train_head: false,
+                    factors,
+                });
+                // The head trains too (the default preset's configuration).
+                v.push(Case {
+                    targets: vec![Target::Query, Target::Value],
+                    pooling,
+                    dropout,
+                    examples: 6,
+                    max_len: 10,
+                    train_head: true,
+                    factors,
+                });
+                // Every target: the first layer's query, key and value need
+                // dH for A although no input gradient leaves that layer.
+                v.push(Case {
+                    targets: Target::ALL.to_vec(),
+                    pooling,
+                    dropout,
+                    examples: 4,
+                    max_len: 9,
+                    train_head: false,
+                    factors,
+                });
+            }
         }
     }
+    // Only the head trains: the adapters stay fixed.
+    v.push(Case {
+        targets: vec![Target::Query, Target::Value],
+        pooling: Pooling::Mean,
+        dropout: 0.2,
+        examples: 5,
+        max_len: 12,
+        train_head: true,
+        factors: (false, false),
+    });
     v
 }
 
@@ -216,6 +260,7 @@ fn cpu_backend_minilm_shape_step_matches_cpu_model() {
         examples: 3,
         max_len: 24,
         train_head: true,
+        factors: (true, true),
     };
     compare(Backend::cpu(), &w, &case, 1e-4);
 }
@@ -224,12 +269,20 @@ fn cpu_backend_minilm_shape_step_matches_cpu_model() {
 fn rejects_unsupported_configs_and_bad_input() {
     let w = random_weights(&tiny_config()).unwrap();
     let head = HeadConfig::default();
-    let with_a = LoraConfig::default();
-    assert!(GpuModel::new(Backend::cpu(), w.clone(), with_a, head, Precision::F32).is_err());
-    let lora = LoraConfig {
+    // Nothing to train is refused with a reason, not a panic.
+    let frozen = LoraConfig {
         train_a: false,
+        train_b: false,
+        train_head: false,
         ..LoraConfig::default()
     };
+    let err = GpuModel::new(Backend::cpu(), w.clone(), frozen, head, Precision::F32).unwrap_err();
+    assert!(
+        err.to_string().contains("needs something to train"),
+        "{err}"
+    );
+    // Both factors train (the default configuration).
+    let lora = LoraConfig::default();
     let mut gpu = GpuModel::new(
         Backend::cpu(),
         w.clone(),
@@ -270,9 +323,12 @@ fn gpu_minilm_shape_step_matches_cpu_model() {
         return;
     };
     let w = random_weights(&minilm_shape()).unwrap();
-    for (pooling, dropout, train_head) in
-        [(Pooling::ClsPooler, 0.0, false), (Pooling::Mean, 0.1, true)]
-    {
+    for (pooling, dropout, train_head, factors) in [
+        (Pooling::ClsPooler, 0.0, false, (false, true)),
+        (Pooling::Mean, 0.1, true, (false, true)),
+        (Pooling::ClsPooler, 0.1, false, (true, true)),
+        (Pooling::Mean, 0.0, true, (true, true)),
+    ] {
         let be = cuda_or_skip("gpu_minilm_shape_step_matches_cpu_model").unwrap();
         let case = Case {
             targets: vec![Target::Query, Target::Value],
@@ -281,6 +337,7 @@ fn gpu_minilm_shape_step_matches_cpu_model() {
             examples: 6,
             max_len: 40,
             train_head,
+            factors,
         };
         compare(be, &w, &case, 1e-4);
     }
@@ -323,4 +380,61 @@ fn gpu_tf32_and_bf16_steps_stay_close() {
         let _ = writeln!(std::io::stderr(), "{name}: relative error {e:e}");
         assert!(e < 0.1, "{name}: relative error {e:e}");
     }
+}
+
+#[test]
+fn new_frozen_weights_replace_the_uploaded_ones() {
+    // FLoRA and FedEx-LoRA merge deltas into the frozen weights each round:
+    // after `set_weights` the engine computes with the new ones.
+    let w = random_weights(&tiny_config()).unwrap();
+    // A merged delta on layer 0's query/key/value block.
+    let mut m = (*w).clone();
+    let delta = random_values(m.layers[0].qkv.weight.len(), 77, 0.3);
+    for (v, d) in m.layers[0].qkv.weight.iter_mut().zip(delta) {
+        *v += d;
+    }
+    let merged = Arc::new(m);
+    let lora = LoraConfig {
+        rank: 4,
+        targets: vec![Target::Query, Target::Value],
+        ..LoraConfig::default()
+    };
+    let head = HeadConfig {
+        num_labels: 3,
+        pooling: Pooling::ClsPooler,
+    };
+    let mut gpu = GpuModel::new(
+        Backend::cpu(),
+        w.clone(),
+        lora.clone(),
+        head,
+        Precision::F32,
+    )
+    .unwrap();
+    let model = Model::new(merged.clone(), lora.clone(), head).unwrap();
+    let state = state_for(&model, 5);
+    gpu.set_state(&state).unwrap();
+    let b = batch(&w.config, 4, 10, 3);
+    let labels = [0, 1, 2, 0];
+    let before = gpu.per_example_gradients(&b, &labels, None).unwrap();
+    gpu.set_weights(merged.clone()).unwrap();
+    assert!(Arc::ptr_eq(gpu.model().weights(), &merged));
+    let after = gpu.per_example_gradients(&b, &labels, None).unwrap();
+    let cpu = model
+        .per_example_gradients(&state, &b, &labels, None)
+        .unwrap();
+    assert!(rel(&after, &cpu) < 2e-5, "{:e}", rel(&after, &cpu));
+    assert!(
+        rel(&before, &cpu) > 1e-2,
+        "the old weights gave the same gradients"
+    );
+    // Weights of another shape are refused, and the engine keeps working.
+    let wider = random_weights(&BertConfig {
+        intermediate_size: tiny_config().intermediate_size * 2,
+        ..tiny_config()
+    })
+    .unwrap();
+    let err = gpu.set_weights(wider).unwrap_err();
+    assert!(err.to_string().contains("configuration"), "{err}");
+    assert_eq!(gpu.per_example_gradients(&b, &labels, None).unwrap(), after);
 }
