@@ -165,7 +165,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         )
     })?;
     let choice: fedsvd::DeviceChoice = args.device.parse()?;
-    let (gpu, _) = fedsvd::device::resolve_gpu(choice, false, || {
+    let (gpu, _) = fedsvd::device::resolve_gpu(choice, || {
         // Inference only: which factors would train does not matter.
         let lora = LoraConfig {
             train_a: false,

@@ -106,42 +106,28 @@ pub struct ResolvedDevice {
 
 /// Builds the GPU engine for `choice`, or says why the CPU computes.
 ///
-/// `trains_a`: the method trains the `A` factors, which the GPU step does
-/// not. `build` makes the engine (in tests, an injected failure).
+/// Every method runs on a GPU: the engine trains whatever the method's
+/// LoRA configuration makes trainable (`A`, `B`, the head). Whatever the
+/// engine cannot run is an error of `build` (no device, a configuration it
+/// refuses), which `cuda` reports and `auto` gives as its reason for the
+/// CPU. `build` makes the engine (in tests, an injected failure).
 pub fn resolve_gpu(
     choice: DeviceChoice,
-    trains_a: bool,
     build: impl FnOnce() -> fedsvd_model::Result<GpuModel>,
 ) -> Result<(Option<GpuModel>, Option<String>)> {
-    let unsupported = trains_a.then(|| {
-        "the method trains the A factors, which the GPU step does not (it trains B and the \
-         head): FedSVD and FFA-LoRA run on a GPU"
-            .to_string()
-    });
     match choice {
         DeviceChoice::Cpu => Ok((None, None)),
         DeviceChoice::Cuda => {
-            if let Some(reason) = unsupported {
-                return Err(Error::Device {
-                    requested: "cuda",
-                    reason,
-                });
-            }
             let gpu = build().map_err(|e| Error::Device {
                 requested: "cuda",
                 reason: e.to_string(),
             })?;
             Ok((Some(gpu), None))
         }
-        DeviceChoice::Auto => {
-            if let Some(reason) = unsupported {
-                return Ok((None, Some(reason)));
-            }
-            match build() {
-                Ok(gpu) => Ok((Some(gpu), None)),
-                Err(e) => Ok((None, Some(e.to_string()))),
-            }
-        }
+        DeviceChoice::Auto => match build() {
+            Ok(gpu) => Ok((Some(gpu), None)),
+            Err(e) => Ok((None, Some(e.to_string()))),
+        },
     }
 }
 
@@ -168,9 +154,15 @@ mod tests {
         assert!("fp16".parse::<PrecisionChoice>().is_err());
     }
 
+    fn refused() -> fedsvd_model::Result<GpuModel> {
+        Err(fedsvd_model::Error::UnsupportedConfig(
+            "the GPU step needs something to train".into(),
+        ))
+    }
+
     #[test]
     fn cuda_without_a_device_is_an_error_naming_the_reason() {
-        let err = resolve_gpu(DeviceChoice::Cuda, false, no_driver).unwrap_err();
+        let err = resolve_gpu(DeviceChoice::Cuda, no_driver).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("cuda") && text.contains("libcuda.so.1"),
@@ -180,23 +172,27 @@ mod tests {
 
     #[test]
     fn auto_falls_back_to_the_cpu_and_says_why() {
-        let (gpu, why) = resolve_gpu(DeviceChoice::Auto, false, no_driver).unwrap();
+        let (gpu, why) = resolve_gpu(DeviceChoice::Auto, no_driver).unwrap();
         assert!(gpu.is_none());
         assert!(why.unwrap().contains("libcuda.so.1"));
-        let (gpu, why) = resolve_gpu(DeviceChoice::Auto, true, || unreachable!()).unwrap();
-        assert!(gpu.is_none());
-        assert!(why.unwrap().contains("A factors"));
     }
 
     #[test]
-    fn cuda_for_a_method_that_trains_a_is_refused_before_touching_the_device() {
-        let err = resolve_gpu(DeviceChoice::Cuda, true, || unreachable!()).unwrap_err();
-        assert!(err.to_string().contains("A factors"), "{err}");
+    fn a_configuration_the_engine_refuses_is_a_clear_error_or_the_reason_for_the_cpu() {
+        let err = resolve_gpu(DeviceChoice::Cuda, refused).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("cuda") && text.contains("needs something to train"),
+            "{text}"
+        );
+        let (gpu, why) = resolve_gpu(DeviceChoice::Auto, refused).unwrap();
+        assert!(gpu.is_none());
+        assert!(why.unwrap().contains("needs something to train"));
     }
 
     #[test]
     fn cpu_never_builds_a_gpu_engine() {
-        let (gpu, why) = resolve_gpu(DeviceChoice::Cpu, false, || unreachable!()).unwrap();
+        let (gpu, why) = resolve_gpu(DeviceChoice::Cpu, || unreachable!()).unwrap();
         assert!(gpu.is_none() && why.is_none());
     }
 }

@@ -348,15 +348,14 @@ impl Federation {
         choice: crate::DeviceChoice,
         precision: crate::PrecisionChoice,
     ) -> Result<crate::ResolvedDevice> {
-        let (gpu, fallback_reason) =
-            crate::device::resolve_gpu(choice, self.strategy.trains_a(), || {
-                GpuModel::cuda(
-                    Arc::clone(self.model.weights()),
-                    self.model.lora_config().clone(),
-                    *self.model.head_config(),
-                    precision.precision(),
-                )
-            })?;
+        let (gpu, fallback_reason) = crate::device::resolve_gpu(choice, || {
+            GpuModel::cuda(
+                Arc::clone(self.model.weights()),
+                self.model.lora_config().clone(),
+                *self.model.head_config(),
+                precision.precision(),
+            )
+        })?;
         self.gpu = gpu.map(Mutex::new);
         Ok(crate::ResolvedDevice {
             requested: choice,
@@ -368,15 +367,11 @@ impl Federation {
     /// Trains and evaluates on `gpu` from now on: a CUDA engine, or one on
     /// the kernels' CPU reference backend (the same code path, which is how
     /// the device path is tested on machines without a GPU). Its model must
-    /// have this federation's weights, adapters and head, and the method
-    /// must not train `A`.
+    /// have this federation's current frozen weights (the merged ones, for
+    /// FLoRA and FedEx-LoRA: [`Federation::merged_weights`]), adapters and
+    /// head; every method runs on it, those that train `A` included, and
+    /// the federation hands it the new frozen weights after each merge.
     pub fn compute_on(&mut self, gpu: GpuModel) -> Result<DeviceInfo> {
-        if self.strategy.trains_a() {
-            return Err(Error::Device {
-                requested: "gpu engine",
-                reason: "the method trains the A factors, which the GPU step does not".into(),
-            });
-        }
         let m = gpu.model();
         if !Arc::ptr_eq(m.weights(), self.model.weights())
             || m.lora_config() != self.model.lora_config()
@@ -621,6 +616,9 @@ impl Federation {
             if self.strategy.merges_into_base() {
                 let started = Instant::now();
                 let model = self.model_for(&next)?;
+                // Before anything of the round is committed: a failed upload
+                // leaves the engine on the old weights with the old state.
+                self.engine_weights(model.weights())?;
                 server_seconds += started.elapsed().as_secs_f64();
                 self.model = model;
             }
@@ -692,7 +690,19 @@ impl Federation {
     /// Recomputed from the base (not accumulated in place) so a resumed run
     /// holds exactly the weights of an uninterrupted one.
     fn refresh_base(&mut self) -> Result<()> {
-        self.model = self.model_for(&self.state)?;
+        let model = self.model_for(&self.state)?;
+        self.engine_weights(model.weights())?;
+        self.model = model;
+        Ok(())
+    }
+
+    /// Hands `weights` (new merged frozen weights) to the GPU engine, if
+    /// one computes; nothing is uploaded when they are the ones it holds.
+    fn engine_weights(&self, weights: &Arc<BertWeights>) -> Result<()> {
+        if let Some(gpu) = &self.gpu {
+            let mut g = gpu.lock().unwrap_or_else(|p| p.into_inner());
+            g.set_weights(Arc::clone(weights))?;
+        }
         Ok(())
     }
 

@@ -1,7 +1,10 @@
 //! The federation on the GPU engine (`fedsvd_model::GpuModel`) against the
-//! same seeded run on the CPU model: on the kernels' CPU reference backend
-//! everywhere (the device path's wiring, kernels and layouts), and on CUDA
-//! when a device is present (required under `FEDSVD_REQUIRE_GPU=1`).
+//! same seeded run on the CPU model, for a method that trains `B` only
+//! (FedSVD), one that trains `A` and `B` (FedAvg-LoRA) and those that also
+//! merge into the frozen weights (FLoRA, FedEx-LoRA): on the kernels' CPU
+//! reference backend everywhere (the device path's wiring, kernels and
+//! layouts), and on CUDA when a device is present (required under
+//! `FEDSVD_REQUIRE_GPU=1`).
 
 mod common;
 use common::synthetic;
@@ -58,12 +61,12 @@ fn head() -> HeadConfig {
     }
 }
 
-fn federation(weights: &Arc<BertWeights>, dropout: f32) -> Federation {
+fn federation(weights: &Arc<BertWeights>, method: Method, dropout: f32) -> Federation {
     let clients = (0..4)
         .map(|k| synthetic(20 + 5 * k, k as u64 + 1))
         .collect();
     Federation::new(
-        config(Method::fedsvd()),
+        config(method),
         weights.clone(),
         lora(dropout),
         head(),
@@ -130,9 +133,9 @@ fn assert_matches(cpu: &[RoundMetrics], dev: &[RoundMetrics], test_examples: usi
     }
 }
 
-fn engine_run(weights: &Arc<BertWeights>, dropout: f32, cuda: bool) {
-    let (cpu, cpu_state) = run(federation(weights, dropout));
-    let mut f = federation(weights, dropout);
+fn engine_run(weights: &Arc<BertWeights>, method: Method, dropout: f32, cuda: bool) {
+    let (cpu, cpu_state) = run(federation(weights, method, dropout));
+    let mut f = federation(weights, method, dropout);
     let gpu = if cuda {
         GpuModel::cuda(
             weights.clone(),
@@ -154,14 +157,15 @@ fn engine_run(weights: &Arc<BertWeights>, dropout: f32, cuda: bool) {
     let (dev, dev_state) = run(f);
     assert_matches(&cpu, &dev, 40);
     // The final adapters agree too: every number of the global state
-    // within 1e-3 relative L2 (B moved by the same noise on both).
+    // (A, B and any merged delta) within 1e-3 relative L2 (moved by the
+    // same noise on both).
     let (a, b) = (numbers(&cpu_state), numbers(&dev_state));
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
     let den: f64 = a.iter().map(|x| x * x).sum();
     assert!(
         (num / den).sqrt() < 1e-3,
-        "global state differs: {}",
+        "{method:?}: global state differs: {}",
         (num / den).sqrt()
     );
 }
@@ -170,7 +174,27 @@ fn engine_run(weights: &Arc<BertWeights>, dropout: f32, cuda: bool) {
 fn the_reference_backend_engine_matches_the_cpu_run() {
     let w = random_weights(&tiny_config()).unwrap();
     for dropout in [0.0, 0.1] {
-        engine_run(&w, dropout, false);
+        engine_run(&w, Method::fedsvd(), dropout, false);
+    }
+}
+
+#[test]
+fn a_method_that_trains_a_matches_the_cpu_run_on_the_reference_backend() {
+    // FedAvg-LoRA: A and B train, with their per-example gradients clipped
+    // jointly; the server averages both.
+    let w = random_weights(&tiny_config()).unwrap();
+    for dropout in [0.0, 0.1] {
+        engine_run(&w, Method::Fedavg, dropout, false);
+    }
+}
+
+#[test]
+fn merging_methods_match_the_cpu_run_on_the_reference_backend() {
+    // FLoRA and FedEx-LoRA change the frozen weights after every round: the
+    // engine must train on the merged ones, or the losses part ways.
+    let w = random_weights(&tiny_config()).unwrap();
+    for method in [Method::Flora, Method::Fedex] {
+        engine_run(&w, method, 0.1, false);
     }
 }
 
@@ -183,45 +207,52 @@ fn gpu_federated_run_matches_the_cpu_run() {
         return;
     }
     let w = random_weights(&tiny_config()).unwrap();
-    engine_run(&w, 0.0, true);
+    engine_run(&w, Method::fedsvd(), 0.0, true);
+    engine_run(&w, Method::Fedavg, 0.1, true);
+    engine_run(&w, Method::Flora, 0.0, true);
 }
 
 #[test]
-fn an_engine_of_another_model_or_a_method_that_trains_a_is_refused() {
+fn an_engine_of_another_model_is_refused() {
     let w = random_weights(&tiny_config()).unwrap();
-    let mut f = federation(&w, 0.0);
-    let other = random_weights(&tiny_config()).unwrap();
-    let gpu = GpuModel::cpu_reference(
-        other,
-        f.model().lora_config().clone(),
-        head(),
-        Precision::F32,
-    )
-    .unwrap();
-    let err = f.compute_on(gpu).unwrap_err().to_string();
-    assert!(err.contains("not this federation's"), "{err}");
-
-    let clients = (0..4).map(|k| synthetic(20, k as u64 + 1)).collect();
-    let mut fedavg = Federation::new(
-        config(Method::Fedavg),
-        w.clone(),
-        lora(0.0),
-        head(),
-        clients,
-        synthetic(40, 99),
-    )
-    .unwrap();
-    let err = fedavg
-        .set_device(DeviceChoice::Cuda, PrecisionChoice::F32)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("A factors"), "{err}");
-    // auto says why it stays on the CPU.
-    let resolved = fedavg
-        .set_device(DeviceChoice::Auto, PrecisionChoice::F32)
+    for method in [Method::fedsvd(), Method::Fedavg] {
+        let mut f = federation(&w, method, 0.0);
+        let mut other = (*w).clone();
+        other.layers[0].qkv.weight[0] += 1.0;
+        let gpu = GpuModel::cpu_reference(
+            Arc::new(other),
+            f.model().lora_config().clone(),
+            head(),
+            Precision::F32,
+        )
         .unwrap();
-    assert_eq!(resolved.device.kind, "cpu");
-    assert!(resolved.fallback_reason.unwrap().contains("A factors"));
+        let err = f.compute_on(gpu).unwrap_err().to_string();
+        assert!(err.contains("not this federation's"), "{err}");
+    }
+}
+
+#[test]
+fn a_method_that_trains_a_is_not_refused_a_device() {
+    // Without CUDA the only reason `cuda` fails, and `auto` stays on the
+    // CPU, is the missing device, never the method.
+    if fedsvd_model::gpu::cuda_available() {
+        return;
+    }
+    let w = random_weights(&tiny_config()).unwrap();
+    for method in [Method::Fedavg, Method::Flora, Method::Fedex] {
+        let mut f = federation(&w, method, 0.0);
+        let err = f
+            .set_device(DeviceChoice::Cuda, PrecisionChoice::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CUDA") && !err.contains("A factors"), "{err}");
+        let resolved = f
+            .set_device(DeviceChoice::Auto, PrecisionChoice::F32)
+            .unwrap();
+        assert_eq!(resolved.device.kind, "cpu");
+        let why = resolved.fallback_reason.unwrap();
+        assert!(why.contains("CUDA") && !why.contains("A factors"), "{why}");
+    }
 }
 
 #[test]
@@ -230,7 +261,7 @@ fn cuda_without_a_device_is_a_clear_error_and_auto_picks_the_cpu() {
         return;
     }
     let w = random_weights(&tiny_config()).unwrap();
-    let mut f = federation(&w, 0.0);
+    let mut f = federation(&w, Method::fedsvd(), 0.0);
     let err = f
         .set_device(DeviceChoice::Cuda, PrecisionChoice::F32)
         .unwrap_err()
