@@ -17,7 +17,9 @@
 # the same seeded quick run (3 rounds, dropout 0, evaluation every round, on
 # the bundle's Rotten Tomatoes data in assets/) on cuda (runs/gpu, 120 s) and
 # on the CPU (runs/cpu, 150 s), and compare_runs.py on the two (losses within
-# 1e-3, ε identical, accuracy within one example). Each part's wall time goes
+# 1e-3, ε identical, accuracy within one example); then the same pair and
+# comparison for FedAvg-LoRA, which trains A as well as B (runs/gpu-fedavg,
+# 120 s, and runs/cpu-fedavg, 150 s). Each part's wall time goes
 # to results.txt. Output also goes to results.txt beside this script, or to
 # $OUT/results.txt when OUT is set (runs/ and model-random/ then go under
 # $OUT too).
@@ -114,7 +116,7 @@ tok=assets/models/all-MiniLM-L6-v2/tokenizer.json
 if [ -x bin/fedsvd ] && [ -f "$tok" ] && [ -d assets/data/rt ]; then
     export FEDSVD_ASSETS="$here/assets"
     model="$work/model-random"
-    rm -rf "$model" "$work/runs/gpu" "$work/runs/cpu"
+    rm -rf "$model" "$work/runs/gpu" "$work/runs/cpu" "$work/runs/gpu-fedavg" "$work/runs/cpu-fedavg"
     mkdir -p "$work/runs"
     echo "==> fedsvd bench random-model --shape minilm (timeout 60 s)" | tee -a "$results"
     t0=$SECONDS
@@ -125,26 +127,34 @@ if [ -x bin/fedsvd ] && [ -f "$tok" ] && [ -d assets/data/rt ]; then
     if [ "$rc" -ne 0 ]; then
         status=1
     else
-        # The two runs differ only in --device and --out.
-        fed=(run --preset quick --set "model.dir=$model" --set federation.rounds=3
-            --set federation.seed=1 --set adapters.dropout=0 --set federation.eval_every=1)
-        ok=1
-        for side in gpu cpu; do
-            dev=cpu lim=150
-            [ "$side" = gpu ] && dev="$device" lim=120
-            echo "==> fedsvd run --device $dev --out runs/$side (timeout $lim s)" | tee -a "$results"
-            t0=$SECONDS
-            timeout "$lim" bin/fedsvd "${fed[@]}" --device "$dev" --out "$work/runs/$side" \
-                </dev/null 2>&1 | tee -a "$results"
-            rc=${PIPESTATUS[0]}
-            echo "time run $side ($dev): $((SECONDS - t0)) s (exit $rc)" | tee -a "$results"
-            [ "$rc" -eq 0 ] || { status=1; ok=0; }
+        # The preset's FedSVD (B only), then FedAvg-LoRA (A and B); the two
+        # runs of a method differ only in --device and --out.
+        for method in fedsvd fedavg; do
+            suffix=""
+            fed=(run --preset quick --set "model.dir=$model" --set federation.rounds=3
+                --set federation.seed=1 --set adapters.dropout=0 --set federation.eval_every=1)
+            if [ "$method" != fedsvd ]; then
+                suffix="-$method"
+                fed+=(--method "$method")
+            fi
+            ok=1
+            for side in gpu cpu; do
+                dev=cpu lim=150
+                [ "$side" = gpu ] && dev="$device" lim=120
+                echo "==> fedsvd run --method $method --device $dev --out runs/$side$suffix (timeout $lim s)" | tee -a "$results"
+                t0=$SECONDS
+                timeout "$lim" bin/fedsvd "${fed[@]}" --device "$dev" --out "$work/runs/$side$suffix" \
+                    </dev/null 2>&1 | tee -a "$results"
+                rc=${PIPESTATUS[0]}
+                echo "time run $side$suffix ($dev, $method): $((SECONDS - t0)) s (exit $rc)" | tee -a "$results"
+                [ "$rc" -eq 0 ] || { status=1; ok=0; }
+            done
+            if [ "$ok" -eq 1 ]; then
+                echo "==> compare_runs.py runs/gpu$suffix runs/cpu$suffix ($method)" | tee -a "$results"
+                timeout 30 python3 compare_runs.py "$work/runs/gpu$suffix" "$work/runs/cpu$suffix" 2>&1 | tee -a "$results"
+                [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+            fi
         done
-        if [ "$ok" -eq 1 ]; then
-            echo "==> compare_runs.py runs/gpu runs/cpu" | tee -a "$results"
-            timeout 30 python3 compare_runs.py "$work/runs/gpu" "$work/runs/cpu" 2>&1 | tee -a "$results"
-            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-        fi
     fi
 else
     echo "==> federated acceptance skipped: bin/fedsvd, $tok or assets/data/rt missing" | tee -a "$results"
