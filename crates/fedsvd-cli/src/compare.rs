@@ -45,8 +45,8 @@ pub struct CompareArgs {
     /// Override one config key for every run (as for `fedsvd run`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Where to compute: auto (a usable CUDA device when the method runs
-    /// there, else the CPU), cpu or cuda (the key model.device). A grid may
+    /// Where to compute: auto (a usable CUDA device, which trains every
+    /// method, else the CPU), cpu or cuda (the key model.device). A grid may
     /// resume on another device than it started on.
     #[arg(long, value_name = "DEVICE", value_parser = ["auto", "cpu", "cuda"])]
     pub device: Option<String>,

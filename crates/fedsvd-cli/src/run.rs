@@ -42,8 +42,8 @@ pub struct RunArgs {
     /// used and every other option is refused.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "method", "sets"])]
     pub resume: Option<PathBuf>,
-    /// Where to compute: auto (a usable CUDA device when the method runs
-    /// there, else the CPU), cpu or cuda (the key model.device).
+    /// Where to compute: auto (a usable CUDA device, which trains every
+    /// method, else the CPU), cpu or cuda (the key model.device).
     #[arg(long, value_name = "DEVICE", value_parser = ["auto", "cpu", "cuda"])]
     pub device: Option<String>,
     /// GEMM precision of the frozen encoder on a GPU: f32, tf32 or bf16 (the

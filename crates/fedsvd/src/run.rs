@@ -44,8 +44,7 @@ pub struct ModelConfig {
     /// truncated.
     pub max_len: usize,
     /// Where training and evaluation compute: `auto` (a CUDA device when
-    /// one is usable and the method runs there, else the CPU), `cpu` or
-    /// `cuda`. The device actually used is in `summary.json`.
+    /// one is usable, for every method, else the CPU), `cpu` or `cuda`. The device actually used is in `summary.json`.
     #[serde(default)]
     pub device: DeviceChoice,
     /// GEMM precision of the frozen encoder on a GPU: `f32` (the
