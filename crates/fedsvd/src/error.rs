@@ -111,6 +111,15 @@ pub enum Error {
         /// What changed.
         change: String,
     },
+    /// A client's own data file (a deployed node's, not the run's data
+    /// set) cannot serve the run.
+    #[error("{}: {reason}", path.display())]
+    NodeData {
+        /// The node's file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A summary was asked of a run that has rounds left.
     #[error("the run in {} has finished {done} of {rounds} rounds", dir.display())]
     Unfinished {

@@ -39,7 +39,7 @@ pub use federation::{
 };
 pub use run::{
     AdapterConfig, DataConfig, FileSource, ModelConfig, PartitionConfig, PoolingConfig,
-    PreparedData, RunConfig, load_weights, prepare_data,
+    PreparedData, RunConfig, load_node_data, load_weights, prepare_data,
 };
 pub use runner::{RunSummary, Runner};
 pub use sampling::sample_clients;

@@ -351,33 +351,8 @@ pub fn prepare_data(config: &RunConfig, assets_dir: &Path) -> Result<PreparedDat
 
     let tokenizer_path = config.model_dir(assets_dir).join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tokenizer_path, config.model.max_len)?;
-    let tokenize = |indices: &[usize]| -> Result<ClientData> {
-        let mut data = ClientData {
-            ids: Vec::with_capacity(indices.len()),
-            type_ids: Vec::with_capacity(indices.len()),
-            labels: Vec::with_capacity(indices.len()),
-            pad_id: tokenizer.pad_id(),
-        };
-        for chunk in indices.chunks(256) {
-            let examples: Vec<&fedsvd_data::Example> =
-                chunk.iter().map(|&i| &dataset.examples[i]).collect();
-            let batch = if examples.iter().all(|e| e.text_pair.is_some()) {
-                let pairs: Vec<(&str, &str)> = examples
-                    .iter()
-                    .map(|e| (e.text.as_str(), e.text_pair.as_deref().unwrap_or("")))
-                    .collect();
-                tokenizer.encode_pairs(&pairs)?
-            } else {
-                let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-                tokenizer.encode(&texts)?
-            };
-            for (i, example) in examples.iter().enumerate() {
-                data.ids.push(batch.ids(i).to_vec());
-                data.type_ids.push(batch.type_ids(i).to_vec());
-                data.labels.push(example.label);
-            }
-        }
-        Ok(data)
+    let tokenize = |indices: &[usize]| {
+        tokenize_examples(&tokenizer, indices.iter().map(|&i| &dataset.examples[i]))
     };
     let clients = partition
         .clients
@@ -411,6 +386,122 @@ pub fn prepare_data(config: &RunConfig, assets_dir: &Path) -> Result<PreparedDat
         test_majority_accuracy,
         load_report: dataset.report,
     })
+}
+
+/// Tokenizes `examples` into a client's data, in order.
+fn tokenize_examples<'a>(
+    tokenizer: &Tokenizer,
+    examples: impl Iterator<Item = &'a fedsvd_data::Example>,
+) -> Result<ClientData> {
+    let examples: Vec<&fedsvd_data::Example> = examples.collect();
+    let mut data = ClientData {
+        ids: Vec::with_capacity(examples.len()),
+        type_ids: Vec::with_capacity(examples.len()),
+        labels: Vec::with_capacity(examples.len()),
+        pad_id: tokenizer.pad_id(),
+    };
+    for chunk in examples.chunks(256) {
+        let batch = if chunk.iter().all(|e| e.text_pair.is_some()) {
+            let pairs: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|e| (e.text.as_str(), e.text_pair.as_deref().unwrap_or("")))
+                .collect();
+            tokenizer.encode_pairs(&pairs)?
+        } else {
+            let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+            tokenizer.encode(&texts)?
+        };
+        for (i, example) in chunk.iter().enumerate() {
+            data.ids.push(batch.ids(i).to_vec());
+            data.type_ids.push(batch.type_ids(i).to_vec());
+            data.labels.push(example.label);
+        }
+    }
+    Ok(data)
+}
+
+/// A deployed client's own training data: every row of `path` (`.csv` with
+/// a header, or `.jsonl`), read with the run's columns (`data.file`'s, or
+/// `text`/`label` for a built-in data set) and tokenized as the run
+/// tokenizes. Nothing is split off or partitioned: on a real deployment
+/// each node holds its own file, and the server evaluates on its own
+/// held-out data.
+///
+/// Labels are matched to the run's `label_names` by name (`"fresh"`), or,
+/// when a value is not a name, as an index (`1`), so every node's labels
+/// mean what the server's mean even when a node sees only some of them. A
+/// label that is neither is an [`Error::NodeData`] naming it and the file.
+pub fn load_node_data(
+    config: &RunConfig,
+    assets_dir: &Path,
+    path: &Path,
+    label_names: &[String],
+) -> Result<(ClientData, fedsvd_data::LoadReport)> {
+    config.validate()?;
+    if label_names.len() < 2 {
+        return Err(Error::NodeData {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the run must name at least two labels to map this file's labels to (got {label_names:?})"
+            ),
+        });
+    }
+    let (text_column, pair_column, label_column, on_malformed) = match config.dataset_source()? {
+        DataSource::File(file) => (
+            file.text_column.clone(),
+            file.pair_column.clone(),
+            file.label_column.clone(),
+            if file.skip_malformed {
+                OnMalformed::Skip
+            } else {
+                OnMalformed::Error
+            },
+        ),
+        DataSource::Builtin(_) => ("text".into(), None, "label".into(), OnMalformed::Error),
+    };
+    let spec = TableSpec {
+        path: path.to_path_buf(),
+        text_column,
+        pair_column,
+        label_column,
+        on_malformed,
+    };
+    let is_jsonl = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"));
+    let mut dataset = if is_jsonl {
+        fedsvd_data::load_jsonl(&spec)?
+    } else {
+        fedsvd_data::load_csv(&spec)?
+    };
+    let mut to_run = Vec::with_capacity(dataset.label_names.len());
+    for name in &dataset.label_names {
+        let index = label_names.iter().position(|n| n == name).or_else(|| {
+            name.parse::<usize>()
+                .ok()
+                .filter(|&i| i < label_names.len())
+        });
+        match index {
+            Some(i) => to_run.push(i),
+            None => {
+                return Err(Error::NodeData {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "label {name:?} is not one of the run's labels {label_names:?} \
+                         (nor an index below {})",
+                        label_names.len()
+                    ),
+                });
+            }
+        }
+    }
+    for example in &mut dataset.examples {
+        example.label = to_run[example.label];
+    }
+    let tokenizer_path = config.model_dir(assets_dir).join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tokenizer_path, config.model.max_len)?;
+    let data = tokenize_examples(&tokenizer, dataset.examples.iter())?;
+    Ok((data, dataset.report))
 }
 
 /// Loads the frozen encoder of a run.
