@@ -3,7 +3,10 @@
 Each SuperNode serves one client of the federation: ``--node-config
 'partition-id=K'`` (its partition of the configured data set, the
 simulation's client K, whose noise stream it therefore reproduces in a
-seeded run). The client calibrates its own noise multiplier from its own
+seeded run). A node whose data is a file of its own names it instead:
+``data-file="/data/notes.csv"`` (CSV with a header, or JSONL, with the
+run's columns); every row trains, its labels matched to the server's label
+names, and ``partition-id`` then only numbers the client. The client calibrates its own noise multiplier from its own
 data, keeps its privacy ledger in a file of its own (``ledger-dir`` in the
 node config, default ``./fedsvd-ledgers``), refuses to train past its
 budget whatever the server asks, and reports the epsilon it has spent. It
@@ -63,7 +66,14 @@ def _ledger_path(context: Context, fingerprint: str, partition: int) -> Path:
     return folder / f"ledger-{fingerprint}-client-{partition}.json"
 
 
-def _client(context: Context, config_text: str, init_seed: int) -> tuple[fedsvd.Client, Path]:
+def _data_file(context: Context) -> str | None:
+    value = context.node_config.get("data-file")
+    return str(value) if value else None
+
+
+def _client(
+    context: Context, config_text: str, init_seed: int, label_names: list[str] | None
+) -> tuple[fedsvd.Client, Path]:
     """The node's client for this run, built once per process; its ledger is
     restored from (and kept in) the node's ledger file."""
     partition = _partition_id(context)
@@ -79,7 +89,13 @@ def _client(context: Context, config_text: str, init_seed: int) -> tuple[fedsvd.
         if model_dir not in _MODELS:
             _MODELS[model_dir] = fedsvd.BaseModel.load(model_dir)
         client = fedsvd.Client(
-            config_text, partition, model=_MODELS[model_dir], assets=assets, init_seed=init_seed
+            config_text,
+            partition,
+            model=_MODELS[model_dir],
+            assets=assets,
+            init_seed=init_seed,
+            data_file=_data_file(context),
+            label_names=label_names,
         )
         if ledger.is_file():
             client.restore_ledger(ledger.read_text())
@@ -155,7 +171,8 @@ def train(msg: Message, context: Context) -> Message:
     config_text = str(config["run-config"])
     init_seed = int(str(config["init-seed"]))
     rnd = int(config["round"])
-    client, ledger = _client(context, config_text, init_seed)
+    label_names = json.loads(str(config["label-names"])) if "label-names" in config else None
+    client, ledger = _client(context, config_text, init_seed, label_names)
     state = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     digest = _state_digest(state)
     reply = _reply_path(ledger)

@@ -101,6 +101,9 @@ class FedsvdStrategy(Strategy):
                     "round": rnd,
                     "init-seed": str(self.server.init_seed),
                     "run-config": self.config_text,
+                    # What the label indices mean, for nodes that train on a
+                    # file of their own (node config `data-file`).
+                    "label-names": json.dumps(self.server.label_names),
                 }
             ),
         }

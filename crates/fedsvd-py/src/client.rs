@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fedsvd::server::{Participant, RoundOutcome};
-use fedsvd::{RunConfig, prepare_data};
+use fedsvd::{RunConfig, load_node_data, prepare_data};
 use fedsvd_model::BertWeights;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -145,10 +145,19 @@ impl Client {
     /// `fedsvd run --print-config` prints it): its data is partition
     /// `partition_id` of the configured data set (a built-in one, or the
     /// user's CSV/JSONL in `data.file`), split and partitioned exactly as
-    /// `fedsvd run` does. `init_seed` is the server's adapter seed
+    /// `fedsvd run` does. With `data_file`, its data is instead every row
+    /// of that file of its own (a real deployment: each node holds its own
+    /// data), read with the run's columns, its labels matched to
+    /// `label_names` (the server's `Server.label_names`; by default the
+    /// configured data set's); `partition_id` then only numbers the client
+    /// (sampling, noise stream). `init_seed` is the server's adapter seed
     /// (`Server.init_seed`); a seeded run may omit it.
     #[new]
-    #[pyo3(signature = (config, partition_id, *, model = None, assets = None, init_seed = None))]
+    #[pyo3(signature = (
+        config, partition_id, *, model = None, assets = None, init_seed = None,
+        data_file = None, label_names = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         config: &Bound<'_, PyAny>,
@@ -156,6 +165,8 @@ impl Client {
         model: Option<PyRef<'_, BaseModel>>,
         assets: Option<PathBuf>,
         init_seed: Option<u64>,
+        data_file: Option<PathBuf>,
+        label_names: Option<Vec<String>>,
     ) -> PyResult<Self> {
         let mut config = parse_config(config)?;
         let assets = assets_dir(assets);
@@ -176,10 +187,21 @@ impl Client {
             .into());
         };
         let inner = py.detach(|| -> Result<(Participant, Vec<String>)> {
-            let mut data = prepare_data(&config, &assets)?;
-            let local = data.clients.swap_remove(partition_id);
+            let (local, label_names) = match (data_file, label_names) {
+                (None, _) => {
+                    let mut data = prepare_data(&config, &assets)?;
+                    (data.clients.swap_remove(partition_id), data.label_names)
+                }
+                (Some(file), Some(names)) => {
+                    (load_node_data(&config, &assets, &file, &names)?.0, names)
+                }
+                (Some(file), None) => {
+                    let names = prepare_data(&config, &assets)?.label_names;
+                    (load_node_data(&config, &assets, &file, &names)?.0, names)
+                }
+            };
             let lora = config.adapters.lora()?;
-            let head = config.adapters.head(data.label_names.len());
+            let head = config.adapters.head(label_names.len());
             let participant = Participant::new(
                 config.federation,
                 weights,
@@ -190,7 +212,7 @@ impl Client {
                 local,
                 init_seed,
             )?;
-            Ok((participant, data.label_names))
+            Ok((participant, label_names))
         })?;
         Ok(Self {
             inner: inner.0,

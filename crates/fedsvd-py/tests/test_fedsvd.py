@@ -257,3 +257,48 @@ def test_a_peft_adapter_naming_a_hub_id_finds_its_local_base_model(tiny, tmp_pat
     # Without the local copy the error names the id and where it looked.
     with pytest.raises(fedsvd.FedsvdError, match=r"some-org/tiny-bert.*models/tiny-bert"):
         fedsvd.BaseModel.for_adapter(exported, assets=tmp_path / "elsewhere")
+
+
+def test_a_node_trains_on_a_file_of_its_own(tiny, tmp_path: Path) -> None:
+    config = tiny("ffa")
+    server = fedsvd.Server(config)
+    names = server.label_names
+    partition = server.sample(1)[0]
+    # The node's rows, with labels by name (one class seen twice) and index.
+    rows = [("a warm, funny film", names[1]), ("tedious", names[0]), ("loved it", names[1])]
+    rows += [(f"review number {i}", str(i % 2)) for i in range(37)]
+    own = tmp_path / "node.csv"
+    own.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
+    client = fedsvd.Client(
+        config, partition, init_seed=server.init_seed, data_file=own, label_names=names
+    )
+    assert client.num_examples == len(rows)
+    assert client.label_names == names
+    builtin = fedsvd.Client(config, partition, init_seed=server.init_seed)
+    assert builtin.num_examples != len(rows)
+    # Its sampling rate, hence sigma, follow its own n_k.
+    assert client.sample_rate != builtin.sample_rate
+    update, report = client.train_round(server.state(), 1)
+    assert report["examples"] == len(rows)
+    # The same file again trains to the same (seeded) update; the server
+    # takes it like any client's.
+    again = fedsvd.Client(
+        config, partition, init_seed=server.init_seed, data_file=own, label_names=names
+    )
+    update_again, _ = again.train_round(server.state(), 1)
+    for key, value in update.items():
+        np.testing.assert_array_equal(value, update_again[key])
+    updates = [(partition, update, len(rows))]
+    for k in server.sample(1)[1:]:
+        other, other_report = fedsvd.Client(config, k, init_seed=server.init_seed).train_round(
+            server.state(), 1
+        )
+        updates.append((k, other, other_report["examples"]))
+    server.step(1, updates)
+    assert server.rounds_done == 1
+
+    # A label the run does not have is refused, naming it and the file.
+    odd = tmp_path / "odd.csv"
+    odd.write_text("text,label\nfine,maybe\n")
+    with pytest.raises(fedsvd.FedsvdError, match=r"odd\.csv.*\"maybe\" is not one of the run's labels"):
+        fedsvd.Client(config, partition, init_seed=server.init_seed, data_file=odd, label_names=names)

@@ -96,13 +96,20 @@ class Client:
         model: BaseModel | None = None,
         assets: str | PathLike[str] | None = None,
         init_seed: int | None = None,
+        data_file: str | PathLike[str] | None = None,
+        label_names: list[str] | None = None,
     ) -> None:
         """Client ``partition_id`` of the run ``config``: partition
         ``partition_id`` of the configured data set (built-in, or the
         user's CSV/JSONL in ``data.file``), split and partitioned as
         ``fedsvd run`` does; sigma calibrated from its own n_k.
-        ``init_seed`` is the server's (``Server.init_seed``); a seeded run
-        may omit it."""
+        With ``data_file`` (a real deployment's node), every row of that
+        CSV/JSONL of its own instead, read with the run's columns
+        (``text``/``label`` for a built-in data set), its labels matched
+        by name or index to ``label_names`` (``Server.label_names``; by
+        default the configured data set's); ``partition_id`` then only
+        numbers the client. ``init_seed`` is the server's
+        (``Server.init_seed``); a seeded run may omit it."""
     def train_round(self, global_state: Arrays, round: int) -> tuple[Arrays, RoundReport]:
         """Trains round ``round`` (from 1) from ``global_state`` and charges
         the ledger; returns what the method shares and a report. Raises
