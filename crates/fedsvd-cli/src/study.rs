@@ -1309,11 +1309,19 @@ fn gauss_newton_section(w: &mut String, path: &Path) -> anyhow::Result<()> {
          examples, one seeded sample of the pooled clients shared by every run. κ = λ_max / \
          λ_min over the non-zero spectrum: eigenvalues below {:.0e} · λ_max count as zero (with \
          two labels each example adds a rank-one term, so at most n are non-zero); the number \
-         kept is in parentheses. Measured in {seconds:.0} s on {}. Source: `{}`.\n",
+         kept is in parentheses. Measured in {seconds:.0} s on {} by `fedsvd probe --runs {} \
+         --gn-examples {} --cutoff {:.0e} --out {}`.\n",
         runs.join(" and "),
         g.examples,
         g.cutoff,
         g.machine,
+        g.runs
+            .iter()
+            .map(|r| r.dir.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        g.examples,
+        g.cutoff,
         path.display()
     );
     let _ = writeln!(w, "{}", crate::conditioning::table(&g));
