@@ -237,6 +237,9 @@ def _summary(server: fedsvd.Server, config: dict, history: list[dict]) -> str:
     fed = config["federation"]
     last = history[-1]
     rounds = max(len(history), 1)
+    end = fedsvd.endpoint(
+        [(h["round"], h["eval_accuracy"]) for h in history if h["eval_accuracy"] is not None]
+    )
     summary = {
         "method": server.method,
         "dataset": config["data"]["dataset"],
@@ -250,6 +253,8 @@ def _summary(server: fedsvd.Server, config: dict, history: list[dict]) -> str:
         "completed_rounds": len(history),
         "final_accuracy": last["eval_accuracy"] if last["eval_accuracy"] is not None else math.nan,
         "final_loss": last["eval_loss"] if last["eval_loss"] is not None else math.nan,
+        "endpoint_accuracy": end[0] if end is not None else None,
+        "endpoint_rounds": end[1] if end is not None else [],
         "majority_accuracy": server.majority_accuracy,
         "max_epsilon_spent": last["max_epsilon"],
         "noise_multipliers": [],

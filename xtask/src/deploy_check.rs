@@ -182,7 +182,8 @@ fn number(value: &Value, what: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("{what} is not a number: {value}"))
 }
 
-/// The round lines and final adapters of `run` against `reference`.
+/// The round lines, final adapters and summary headline (endpoint, final
+/// accuracy and loss, ε) of `run` against `reference`.
 fn compare(reference: &Path, run: &Path) -> anyhow::Result<()> {
     let (want, got) = (metrics(reference)?, metrics(run)?);
     ensure!(
@@ -238,6 +239,26 @@ fn compare(reference: &Path, run: &Path) -> anyhow::Result<()> {
     let mut compared = 0usize;
     close(&w, &g, "state", &mut compared)?;
     ensure!(compared > 1000, "only {compared} adapter numbers compared");
+    // The headline numbers the summaries report.
+    let summary = |dir: &Path| -> anyhow::Result<Value> {
+        let path = dir.join("summary.json");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let (w, g) = (summary(reference)?, summary(run)?);
+    for key in ["completed_rounds", "endpoint_rounds", "max_epsilon_spent"] {
+        ensure!(
+            w[key] == g[key],
+            "summary.json: {key} {} vs {}",
+            w[key],
+            g[key]
+        );
+    }
+    for key in ["endpoint_accuracy", "final_accuracy", "final_loss"] {
+        let (a, b) = (number(&w[key], key)?, number(&g[key], key)?);
+        ensure!((a - b).abs() <= TOLERANCE, "summary.json: {key} {a} vs {b}");
+    }
     Ok(())
 }
 

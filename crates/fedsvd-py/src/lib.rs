@@ -139,6 +139,15 @@ fn sample_clients(
     ))
 }
 
+/// The run's endpoint, as `fedsvd run` reports it: the mean held-out
+/// accuracy over the last 5 evaluated rounds of `curve` (`(round,
+/// accuracy)` pairs, any order), with those rounds; `None` when nothing was
+/// evaluated or one of them is not finite.
+#[pyfunction]
+fn endpoint(curve: Vec<(usize, f64)>) -> Option<(f64, Vec<usize>)> {
+    fedsvd::study::endpoint(curve, fedsvd::study::ENDPOINT_WINDOW).map(|e| (e.accuracy, e.rounds))
+}
+
 /// The node ids serving the sampled client indices: `nodes` maps every
 /// connected node id to its partition id; client k is the node whose
 /// partition id is k. Raises `FedsvdError` naming a sampled partition no
@@ -226,6 +235,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(epsilon, m)?)?;
     m.add_function(wrap_pyfunction!(noise_multiplier, m)?)?;
     m.add_function(wrap_pyfunction!(sample_clients, m)?)?;
+    m.add_function(wrap_pyfunction!(endpoint, m)?)?;
     m.add_function(wrap_pyfunction!(nodes_for_clients, m)?)?;
     m.add_function(wrap_pyfunction!(preset, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_json, m)?)?;

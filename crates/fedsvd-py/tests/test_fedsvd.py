@@ -302,3 +302,12 @@ def test_a_node_trains_on_a_file_of_its_own(tiny, tmp_path: Path) -> None:
     odd.write_text("text,label\nfine,maybe\n")
     with pytest.raises(fedsvd.FedsvdError, match=r"odd\.csv.*\"maybe\" is not one of the run's labels"):
         fedsvd.Client(config, partition, init_seed=server.init_seed, data_file=odd, label_names=names)
+
+
+def test_the_endpoint_is_the_mean_of_the_last_five_evaluated_rounds() -> None:
+    curve = [(r, 0.5 + 0.01 * r) for r in [1, 2, 4, 6, 8, 10, 9]]
+    accuracy, rounds = fedsvd.endpoint(curve)
+    assert rounds == [4, 6, 8, 9, 10]
+    assert accuracy == pytest.approx(0.5 + 0.01 * sum(rounds) / 5, abs=1e-12)
+    assert fedsvd.endpoint([(1, 0.7), (3, 0.9)]) == (pytest.approx(0.8), [1, 3])
+    assert fedsvd.endpoint([]) is None

@@ -11,7 +11,9 @@ app in the repository's ``flower/`` folder uses it):
   refactorization, FLoRA's merge, ...), evaluation, checkpoints and export;
 - :func:`sample_clients` / :func:`nodes_for_clients`: which clients a round
   samples, and which node serves each (by partition id);
-- :func:`epsilon` / :func:`noise_multiplier`: the accountants.
+- :func:`epsilon` / :func:`noise_multiplier`: the accountants;
+- :func:`endpoint`: the run's headline accuracy (the last 5 evaluated
+  rounds' mean), as ``fedsvd run`` reports it.
 
 Arrays cross as ``dict[str, numpy.ndarray]`` of float32 (keys
 ``<module>.a``, ``<module>.b``, ``<module>.base_delta``, ``head``). Every
@@ -28,6 +30,7 @@ from ._core import (
     __version__,
     canonical_json,
     default_assets_dir,
+    endpoint,
     epsilon,
     noise_multiplier,
     nodes_for_clients,
@@ -44,6 +47,7 @@ __all__ = [
     "__version__",
     "canonical_json",
     "default_assets_dir",
+    "endpoint",
     "epsilon",
     "noise_multiplier",
     "nodes_for_clients",

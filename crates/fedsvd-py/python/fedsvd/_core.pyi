@@ -239,6 +239,11 @@ def noise_multiplier(
 def sample_clients(num_clients: int, per_round: int, seed: int | None, round: int) -> list[int]:
     """The client indices ``fedsvd run`` samples in ``round`` (from 1)."""
 
+def endpoint(curve: list[tuple[int, float]]) -> tuple[float, list[int]] | None:
+    """The run's endpoint as ``fedsvd run`` reports it: the mean accuracy
+    over the last 5 evaluated rounds of ``(round, accuracy)`` pairs, and
+    those rounds; ``None`` when nothing was evaluated."""
+
 def nodes_for_clients(clients: list[int], nodes: list[tuple[int, int]]) -> list[int]:
     """The node ids serving ``clients``; ``nodes`` lists (node id,
     partition id)."""
