@@ -65,7 +65,8 @@ if [ -x bin/fedsvd ]; then
     jsonl="${OUT:-$here}/bench-step.jsonl"
     : > "$jsonl"
     start=$SECONDS
-    # shape batch seq steps precision privacy
+    # shape batch seq steps precision privacy (dp, nondp, or dp-ab: DP with
+    # A trained too, as FedAvg-LoRA/FLoRA/FedEx-LoRA; the peers train B only)
     while read -r shape batch seq steps prec priv; do
         if [ $((SECONDS - start)) -gt 150 ]; then
             echo "==> skipped (time): $shape $batch x $seq $prec $priv" | tee -a "$results"
@@ -73,6 +74,7 @@ if [ -x bin/fedsvd ]; then
         fi
         extra=""
         [ "$priv" = nondp ] && extra="--non-private"
+        [ "$priv" = dp-ab ] && extra="--train-a"
         echo "==> fedsvd bench step --device cuda --shape $shape --batch $batch --seq $seq --steps $steps --precision $prec $extra (timeout 25 s)" | tee -a "$results"
         timeout 25 bin/fedsvd bench step --device cuda --shape "$shape" --batch "$batch" \
             --seq "$seq" --steps "$steps" --precision "$prec" $extra --json </dev/null 2>&1 \
@@ -88,6 +90,8 @@ roberta-large 64 128 3 f32 nondp
 minilm 256 128 5 tf32 dp
 roberta-large 64 128 3 tf32 dp
 roberta-large 64 128 3 bf16 dp
+minilm 32 64 10 f32 dp-ab
+minilm 256 128 5 f32 dp-ab
 RUNS
 fi
 if [ -f bench/opacus_gpu_step.py ]; then

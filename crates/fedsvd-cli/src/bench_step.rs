@@ -63,6 +63,11 @@ pub struct StepArgs {
     /// the ratio of the two).
     #[arg(long)]
     pub non_private: bool,
+    /// Train the LoRA A factors too, as FedAvg-LoRA, FLoRA and FedEx-LoRA
+    /// do (default: B only, as FedSVD and FFA-LoRA; the Opacus peers
+    /// train B only).
+    #[arg(long)]
+    pub train_a: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -100,6 +105,7 @@ fn run_cuda(args: &StepArgs) -> anyhow::Result<()> {
         steps: args.steps,
         private: !args.non_private,
         precision,
+        train_a: args.train_a,
     };
     let r = run_gpu_step_benchmark(weights, config).context("the CUDA step benchmark")?;
     if args.json {
@@ -114,6 +120,7 @@ fn run_cuda(args: &StepArgs) -> anyhow::Result<()> {
             "batch": args.batch,
             "seq": args.seq,
             "private": !args.non_private,
+            "train_a": args.train_a,
             "model_bytes": r.model_bytes,
             "peak_device_bytes": r.peak_device_bytes,
             "last_loss": r.last_loss,
@@ -127,9 +134,10 @@ fn run_cuda(args: &StepArgs) -> anyhow::Result<()> {
             "DP-SGD step (C=2, sigma=1)"
         };
         println!(
-            "{what} on {} ({}, {pname}, LoRA r=8 on query/value, B only): batch {} x seq {}",
+            "{what} on {} ({}, {pname}, LoRA r=8 on query/value, {}): batch {} x seq {}",
             shape.name(),
             r.device,
+            trained(args.train_a),
             args.batch,
             args.seq
         );
@@ -170,6 +178,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         seq: args.seq,
         steps: args.steps,
         private: !args.non_private,
+        train_a: args.train_a,
     };
     let r = run_step_benchmark(weights, config)?;
     if args.json {
@@ -179,6 +188,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
             "batch": args.batch,
             "seq": args.seq,
             "private": !args.non_private,
+            "train_a": args.train_a,
             "threads": r.threads,
             "peak_rss_mib": r.peak_rss_mib,
             "steps_s": r.times_s,
@@ -191,8 +201,11 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
             "DP-SGD step (C=2, sigma=1)"
         };
         println!(
-            "{what} on MiniLM (LoRA r=8 on query/value, B only): batch {} x seq {}, {} threads",
-            args.batch, args.seq, r.threads
+            "{what} on MiniLM (LoRA r=8 on query/value, {}): batch {} x seq {}, {} threads",
+            trained(args.train_a),
+            args.batch,
+            args.seq,
+            r.threads
         );
         println!(
             "  median of {} steps: {:.3} s/step = {:.1} examples/s",
@@ -232,4 +245,9 @@ pub fn write_random_model(args: &RandomModelArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// Which LoRA factors the benchmarked step trains, for the printed line.
+fn trained(train_a: bool) -> &'static str {
+    if train_a { "A and B" } else { "B only" }
 }

@@ -34,6 +34,9 @@ pub struct StepBenchConfig {
     pub steps: usize,
     /// DP-SGD (true) or the same step without clipping and noise (false).
     pub private: bool,
+    /// Train the A factors too (FedAvg-LoRA, FLoRA, FedEx-LoRA), not only
+    /// B (FedSVD, FFA-LoRA).
+    pub train_a: bool,
 }
 
 /// The measurement.
@@ -60,7 +63,13 @@ struct StepInputs {
     ids: Vec<Vec<u32>>,
 }
 
-fn step_inputs(vocab: usize, batch: usize, seq: usize, steps: usize) -> Result<StepInputs> {
+fn step_inputs(
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    train_a: bool,
+) -> Result<StepInputs> {
     if batch == 0 || steps == 0 || seq < 2 {
         return Err(Error::InvalidConfig {
             key: "bench step",
@@ -98,7 +107,7 @@ fn step_inputs(vocab: usize, batch: usize, seq: usize, steps: usize) -> Result<S
             alpha: 8.0,
             dropout: 0.05,
             targets: vec![Target::Query, Target::Value],
-            train_a: false,
+            train_a,
             train_b: true,
             train_head: false,
         },
@@ -178,7 +187,8 @@ fn median(times: &[f64]) -> f64 {
 }
 
 /// Times local steps (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
-/// 0.05 on query/value, only B trainable, frozen [CLS] pooler head) on
+/// 0.05 on query/value, B trainable (and A with `train_a`), frozen [CLS]
+/// pooler head) on
 /// `weights`, through [`crate::train_locally`] with a seeded stream.
 pub fn run_step_benchmark(
     weights: Arc<BertWeights>,
@@ -189,6 +199,7 @@ pub fn run_step_benchmark(
         config.batch,
         config.seq,
         config.steps,
+        config.train_a,
     )?;
     let model = Model::new(weights, lora, head)?;
     let (data, training) = bench_client(ids, config.batch, config.seq, config.private);
@@ -309,6 +320,8 @@ pub struct GpuStepBenchConfig {
     pub private: bool,
     /// GEMM precision of the encoder.
     pub precision: Precision,
+    /// Train the A factors too, not only B.
+    pub train_a: bool,
 }
 
 /// The device step measurement.
@@ -335,11 +348,11 @@ pub struct GpuStepBenchResult {
 
 /// Times the DP-SGD step of [`train_locally_on`] on the GPU engine of
 /// `fedsvd_model::gpu` (C = 2, σ = 1, lr = 0.5, LoRA r = 8, alpha 8, dropout
-/// 0.05 on query/value, only B trainable, frozen [CLS] pooler head, as
-/// [`run_step_benchmark`]): the clipped sum on the device while the host
-/// draws the discrete Gaussian noise, then on the host the release, the
-/// division by the batch and the SGD update of B, re-uploaded (B is small:
-/// 37k values for MiniLM). A fixed batch: every example every step.
+/// 0.05 on query/value, B trainable (and A with `train_a`), frozen [CLS]
+/// pooler head, as [`run_step_benchmark`]): the clipped sum on the device
+/// while the host draws the discrete Gaussian noise, then on the host the
+/// release, the division by the batch and the SGD update of the adapters,
+/// re-uploaded (they are small: 37k values of B for MiniLM). A fixed batch: every example every step.
 pub fn run_gpu_step_benchmark(
     weights: Arc<BertWeights>,
     config: GpuStepBenchConfig,
@@ -359,6 +372,7 @@ fn device_step_benchmark(
         config.batch,
         config.seq,
         config.steps,
+        config.train_a,
     )?;
     let mut gpu = if cuda {
         GpuModel::cuda(weights, lora, head, config.precision)?
@@ -399,6 +413,7 @@ mod tests {
                 steps: 2,
                 private,
                 precision: Precision::F32,
+                train_a: !private,
             };
             let r = device_step_benchmark(w.clone(), config, false).unwrap();
             assert_eq!(r.times_s.len(), 2);
@@ -412,6 +427,7 @@ mod tests {
             steps: 1,
             private: true,
             precision: Precision::F32,
+            train_a: false,
         };
         assert!(device_step_benchmark(w, config, false).is_err());
     }
