@@ -114,15 +114,9 @@ macro_rules! impl_real {
             ) -> Result<(Array2<Self>, Array1<Self>, Array2<Self>)> {
                 let (m, n) = a.dim();
                 let owned = a.as_standard_layout();
-                let slice = owned
-                    .as_slice()
-                    .expect("as_standard_layout yields a contiguous array");
-                let view = faer::MatRef::from_row_major_slice(slice, m, n);
-                let svd = view.thin_svd().map_err(|e| Error::NoConvergence {
-                    rows: m,
-                    cols: n,
-                    detail: format!("faer thin SVD: {e:?}"),
-                })?;
+                let svd = faer_view(&owned)
+                    .thin_svd()
+                    .map_err(|e| no_convergence(m, n, "faer thin SVD", e))?;
                 let k = m.min(n);
                 let (u, v, s) = (svd.U(), svd.V(), svd.S().column_vector());
                 let u_out = Array2::from_shape_fn((m, k), |(i, j)| u[(i, j)]);
@@ -133,19 +127,31 @@ macro_rules! impl_real {
             fn faer_singular_values(a: ArrayView2<'_, Self>) -> Result<Array1<Self>> {
                 let (m, n) = a.dim();
                 let owned = a.as_standard_layout();
-                let slice = owned
-                    .as_slice()
-                    .expect("as_standard_layout yields a contiguous array");
-                let view = faer::MatRef::from_row_major_slice(slice, m, n);
-                let s = view.singular_values().map_err(|e| Error::NoConvergence {
-                    rows: m,
-                    cols: n,
-                    detail: format!("faer singular values: {e:?}"),
-                })?;
+                let s = faer_view(&owned)
+                    .singular_values()
+                    .map_err(|e| no_convergence(m, n, "faer singular values", e))?;
                 Ok(Array1::from(s))
             }
         }
     };
+}
+
+/// A standard-layout matrix as a row-major faer view (no copy).
+fn faer_view<'a, T>(owned: &'a ndarray::CowArray<'_, T, ndarray::Ix2>) -> faer::MatRef<'a, T> {
+    let (m, n) = owned.dim();
+    let slice = owned
+        .as_slice()
+        .expect("as_standard_layout yields a contiguous array");
+    faer::MatRef::from_row_major_slice(slice, m, n)
+}
+
+/// A faer decomposition of an `m × n` input that did not converge.
+fn no_convergence(m: usize, n: usize, what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::NoConvergence {
+        rows: m,
+        cols: n,
+        detail: format!("{what}: {e:?}"),
+    }
 }
 
 impl_real!(f32, dot_f32, axpy_f32, |_: &mut [f32]| None);
