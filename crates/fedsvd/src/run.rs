@@ -44,7 +44,8 @@ pub struct ModelConfig {
     /// truncated.
     pub max_len: usize,
     /// Where training and evaluation compute: `auto` (a CUDA device when
-    /// one is usable, for every method, else the CPU), `cpu` or `cuda`. The device actually used is in `summary.json`.
+    /// one is usable, for every method, else the CPU), `cpu` or `cuda`.
+    /// The device actually used is in `summary.json`.
     #[serde(default)]
     pub device: DeviceChoice,
     /// GEMM precision of the frozen encoder on a GPU: `f32` (the
@@ -299,28 +300,7 @@ pub fn prepare_data(config: &RunConfig, assets_dir: &Path) -> Result<PreparedDat
     let d = &config.data;
     let dataset = match config.dataset_source()? {
         DataSource::Builtin(name) => fedsvd_data::load(name, assets_dir, d.seed)?,
-        DataSource::File(file) => {
-            let spec = TableSpec {
-                path: file.path.clone(),
-                text_column: file.text_column.clone(),
-                pair_column: file.pair_column.clone(),
-                label_column: file.label_column.clone(),
-                on_malformed: if file.skip_malformed {
-                    OnMalformed::Skip
-                } else {
-                    OnMalformed::Error
-                },
-            };
-            let is_jsonl = file
-                .path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"));
-            if is_jsonl {
-                fedsvd_data::load_jsonl(&spec)?
-            } else {
-                fedsvd_data::load_csv(&spec)?
-            }
-        }
+        DataSource::File(file) => load_table(&file.table_spec(&file.path))?,
     };
     if dataset.num_labels() < 2 {
         return Err(Error::InvalidConfig {
@@ -388,6 +368,36 @@ pub fn prepare_data(config: &RunConfig, assets_dir: &Path) -> Result<PreparedDat
     })
 }
 
+impl FileSource {
+    /// How to read `path` with this source's columns and malformed-row rule.
+    fn table_spec(&self, path: &Path) -> TableSpec {
+        TableSpec {
+            path: path.to_path_buf(),
+            text_column: self.text_column.clone(),
+            pair_column: self.pair_column.clone(),
+            label_column: self.label_column.clone(),
+            on_malformed: if self.skip_malformed {
+                OnMalformed::Skip
+            } else {
+                OnMalformed::Error
+            },
+        }
+    }
+}
+
+/// Reads a user's table: JSONL for `.jsonl`/`.json`, CSV otherwise.
+fn load_table(spec: &TableSpec) -> Result<fedsvd_data::Dataset> {
+    let is_jsonl = spec
+        .path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"));
+    Ok(if is_jsonl {
+        fedsvd_data::load_jsonl(spec)?
+    } else {
+        fedsvd_data::load_csv(spec)?
+    })
+}
+
 /// Tokenizes `examples` into a client's data, in order.
 fn tokenize_examples<'a>(
     tokenizer: &Tokenizer,
@@ -446,34 +456,17 @@ pub fn load_node_data(
             ),
         });
     }
-    let (text_column, pair_column, label_column, on_malformed) = match config.dataset_source()? {
-        DataSource::File(file) => (
-            file.text_column.clone(),
-            file.pair_column.clone(),
-            file.label_column.clone(),
-            if file.skip_malformed {
-                OnMalformed::Skip
-            } else {
-                OnMalformed::Error
-            },
-        ),
-        DataSource::Builtin(_) => ("text".into(), None, "label".into(), OnMalformed::Error),
+    let spec = match config.dataset_source()? {
+        DataSource::File(file) => file.table_spec(path),
+        DataSource::Builtin(_) => TableSpec {
+            path: path.to_path_buf(),
+            text_column: "text".into(),
+            pair_column: None,
+            label_column: "label".into(),
+            on_malformed: OnMalformed::Error,
+        },
     };
-    let spec = TableSpec {
-        path: path.to_path_buf(),
-        text_column,
-        pair_column,
-        label_column,
-        on_malformed,
-    };
-    let is_jsonl = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"));
-    let mut dataset = if is_jsonl {
-        fedsvd_data::load_jsonl(&spec)?
-    } else {
-        fedsvd_data::load_csv(&spec)?
-    };
+    let mut dataset = load_table(&spec)?;
     let mut to_run = Vec::with_capacity(dataset.label_names.len());
     for name in &dataset.label_names {
         let index = label_names.iter().position(|n| n == name).or_else(|| {
