@@ -105,6 +105,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    die_quietly_on_a_closed_pipe();
     keep_freed_pages_for_a_second();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -128,6 +129,20 @@ fn main() -> ExitCode {
             eprintln!("error: {}", error_chain(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Restores the default action of SIGPIPE, which Rust's runtime ignores, so
+/// that `fedsvd study … | head` ends the way a Unix tool does when its reader
+/// goes away, instead of panicking inside `println!` on the broken pipe.
+/// Nothing in the binary writes to a child's stdin or to a socket, where a
+/// closed peer would then end the process instead of returning an error.
+fn die_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first in `main`, before any thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

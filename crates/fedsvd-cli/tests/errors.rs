@@ -99,3 +99,47 @@ fn run_folder_errors_say_each_clause_once() {
     let line = error_line(&fails(&["run", "--resume", &nothing]));
     assert!(line.contains("no run"), "{line}");
 }
+
+/// A reader that goes away (`fedsvd … | head`) ends the binary by SIGPIPE,
+/// as it ends any Unix tool, not by a panic inside `println!`. The pipe's
+/// read end is closed before the binary starts, so its first write fails
+/// deterministically.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_binary_quietly_by_sigpipe() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_fedsvd"))
+        .args([
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            "1.0",
+            "--sample-rate",
+            "0.01",
+            "--steps",
+            "100",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "fedsvd panicked on a closed stdout: {stderr}"
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "want death by SIGPIPE, got {:?}; stderr: {stderr}",
+        out.status
+    );
+}
