@@ -286,6 +286,12 @@ impl Server {
         self.majority_accuracy
     }
 
+    /// The number of held-out examples `evaluate` scores.
+    #[getter]
+    fn test_examples(&self) -> usize {
+        self.inner.test_examples()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Server(method={:?}, clients={}, per_round={}, rounds={}, rounds_done={})",

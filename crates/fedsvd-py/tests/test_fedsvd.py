@@ -184,6 +184,8 @@ def test_a_federation_driven_from_python_is_fedsvd_run(tiny, tmp_path: Path, met
         evaluation = server.evaluate()
         assert evaluation["accuracy"] == pytest.approx(lines[rnd - 1]["eval_accuracy"], abs=1e-6)
         assert evaluation["loss"] == pytest.approx(lines[rnd - 1]["eval_loss"], abs=1e-6)
+        assert evaluation["examples"] == server.test_examples
+    assert server.test_examples == json.loads((run_dir / "data.json").read_text())["test_examples"]
     assert server.finished
     saved = json.loads((run_dir / "checkpoint.json").read_text())["checkpoint"]["state"]
     final = server.state()

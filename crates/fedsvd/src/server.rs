@@ -192,6 +192,11 @@ impl Server {
         &self.config
     }
 
+    /// The number of held-out examples `evaluate` scores.
+    pub fn test_examples(&self) -> usize {
+        self.test.len()
+    }
+
     /// The number of clients K.
     pub fn clients(&self) -> usize {
         self.clients

@@ -216,6 +216,9 @@ class Server:
     @property
     def majority_accuracy(self) -> float:
         """The majority-class bar the run reports."""
+    @property
+    def test_examples(self) -> int:
+        """The number of held-out examples `evaluate` scores."""
 
 def epsilon(
     noise_multiplier: float,
