@@ -16,10 +16,12 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from typing import Any
 from pathlib import Path
 
 import fedsvd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -37,6 +39,55 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# How often the ServerApp asks the SuperLink for replies. flwr's own
+# `send_and_receive` sleeps 3 s between pulls, which adds 1.5 s on average
+# to every round; a pull is one small HTTP request on the SuperLink.
+REPLY_POLL_SECONDS = 0.25
+
+
+class PromptGrid(Grid):
+    """A Grid that forwards everything to flwr's, but collects replies every
+    ``REPLY_POLL_SECONDS`` instead of every 3 s; same semantics otherwise
+    (all replies, or those in by the timeout)."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(REPLY_POLL_SECONDS)
+        return replies
 
 
 class RoundFailed(RuntimeError):
@@ -270,6 +321,7 @@ def _summary(server: fedsvd.Server, config: dict, history: list[dict]) -> str:
 def main(grid: Grid, context: Context) -> None:
     """Runs the federation described by the run config's `config-file`,
     writing the run folder `out-dir`."""
+    grid = PromptGrid(grid)
     rc = context.run_config
     run_dir = Path(str(rc["out-dir"]))
     resume = bool(rc.get("resume", False))
@@ -311,7 +363,7 @@ def main(grid: Grid, context: Context) -> None:
         _write_atomic(run_dir / "config.json", config_text + "\n")
         data = {
             "label_names": server.label_names,
-            "test_examples": server.evaluate()["examples"],
+            "test_examples": server.test_examples,
             "majority_accuracy": server.majority_accuracy,
         }
         _write_atomic(run_dir / "data.json", json.dumps(data, indent=2) + "\n")

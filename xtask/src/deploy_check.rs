@@ -7,7 +7,8 @@
 //!    `fedsvd run` and once through `fedsvd deploy local` (a SuperLink and 3
 //!    SuperNodes as separate processes on loopback). Sampled clients and ε
 //!    must be identical; every round's accuracy and loss and the final
-//!    adapters within 1e-6.
+//!    adapters within 1e-6. Then the Flower app's own unit tests (stdlib
+//!    `unittest`, `flower/tests`) in the deployment venv, which has flwr.
 //! 3. The fault drill: the same deployment with one SuperNode killed in
 //!    round 2 must fail, naming the node's partition, and leave a checkpoint
 //!    from which `fedsvd deploy local --resume` finishes the run with the
@@ -114,6 +115,17 @@ pub fn deploy_check(root: &Path, args: &[String]) -> anyhow::Result<()> {
             )
         },
     )?;
+    timed(
+        "the Flower app's unit tests (in the deployment venv)",
+        || {
+            succeed(
+                "python -m unittest discover -s tests (in flower/)",
+                Command::new(root.join("target/deploy-venv/bin/python"))
+                    .args(["-m", "unittest", "discover", "-s", "tests"])
+                    .current_dir(root.join("flower")),
+            )
+        },
+    )?;
     compare(&simulated, &deployed)?;
     println!(
         "  deployed run = simulation (clients, ε exact; accuracy, loss, adapters within 1e-6)"
@@ -161,6 +173,17 @@ pub fn deploy_check(root: &Path, args: &[String]) -> anyhow::Result<()> {
         )
     })?;
     compare(&simulated, &killed)?;
+    // The resume writes its logs beside the failed attempt's, which keep
+    // the reason.
+    let failed_log = killed.join("deploy-logs/attempt-1/serverapp.log");
+    let failed_text = fs::read_to_string(&failed_log)
+        .with_context(|| format!("reading {}", failed_log.display()))?;
+    ensure!(
+        failed_text.contains("partition 1")
+            && killed.join("deploy-logs/attempt-2/serverapp.log").is_file(),
+        "the resume did not keep the failed attempt's log naming partition 1 ({})",
+        failed_log.display()
+    );
     println!(
         "  killed after {done} round(s), resumed: = simulation; deploy-check passed in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -326,7 +349,8 @@ fn report_round_times(simulated: &Path, deployed: &Path) -> anyhow::Result<()> {
     );
     // The clients log their own setup and training time on their node.
     let mut slowest: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
-    for entry in fs::read_dir(deployed.join("deploy-logs"))? {
+    // An uninterrupted deployment has one attempt.
+    for entry in fs::read_dir(deployed.join("deploy-logs").join("attempt-1"))? {
         let path = entry?.path();
         if !path
             .file_name()
