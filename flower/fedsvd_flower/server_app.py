@@ -16,14 +16,14 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import fedsvd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
 app = ServerApp()
 

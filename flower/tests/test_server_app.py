@@ -1,13 +1,13 @@
 """Unit tests of the ServerApp's pieces that need flwr but no SuperLink.
 
-Run by `cargo xtask deploy-check` in the deployment venv:
-`target/deploy-venv/bin/python -m unittest discover -s flower/tests -t flower`.
+Run by `cargo xtask deploy-check` in the deployment venv, from `flower/`:
+`../target/deploy-venv/bin/python -m unittest discover -s tests`.
 """
 
 import time
 import unittest
-from unittest import mock
 from types import SimpleNamespace
+from unittest import mock
 
 from fedsvd_flower.server_app import REPLY_POLL_SECONDS, PromptGrid
 

@@ -340,7 +340,8 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         ("PYTHONUNBUFFERED".into(), PathBuf::from("1")),
         // The SuperExec that starts each ClientApp and the ServerApp polls
         // for work every second by default; on loopback a tenth of that
-        // costs nothing and takes about 0.5 s off every round.
+        // costs nothing. (On the 2-core machine the round time did not
+        // measurably change: docs/benchmarks.md, 2026-12-06.)
         (
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL".into(),
             PathBuf::from("0.1"),
