@@ -1,8 +1,8 @@
 // Transformer layer kernels of a training step: embedding gather fused with
 // LayerNorm, LayerNorm forward and backward, bias + GELU (erf form), masked
 // scaled softmax forward and backward, LoRA dropout masks (ChaCha8, the
-// derivation of fedsvd-model), per-example cross-entropy, and f32 -> bf16
-// rounding for the cuBLAS bf16 GEMMs. Every reduction runs in a fixed order
+// derivation of fedsvd-model), per-example cross-entropy, and the f32 -> bf16
+// gather of the cuBLAS bf16 GEMMs' inputs. Every reduction runs in a fixed order
 // (warp butterflies, per-chunk partials added in index order): no atomics,
 // so results are bit-reproducible run to run. src/layers_cpu.rs holds the
 // reference of each kernel.
@@ -335,18 +335,28 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) cross_entropy_fwd_bwd(
 // ---------------------------------------------------------------------------
 // f32 -> bf16, round to nearest even (NaN stays a quiet NaN), as half::bf16::from_f32.
 
-extern "C" __global__ void __launch_bounds__(EW_THREADS) f32_to_bf16(
-    const float* __restrict__ x, unsigned short* __restrict__ y, long long n)
+__device__ __forceinline__ unsigned short bf16_rne(float v)
 {
+    const unsigned int b = __float_as_uint(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((b >> 16) | 0x0040u);
+    return (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Gathers and rounds what one GEMM input's products read: `count` matrices of
+// rows x cols, matrix p at x + offset + p * stride, row r a further r * ld,
+// into y packed (matrix after matrix, rows cols apart). A product reading one
+// head's columns of a packed QKV matrix thus converts those columns only.
+extern "C" __global__ void __launch_bounds__(EW_THREADS) f32_to_bf16_gather(
+    const float* __restrict__ x, long long offset, long long ld, long long stride,
+    long long rows, long long cols, long long count, unsigned short* __restrict__ y)
+{
+    const long long per = rows * cols;
+    const long long n = per * count;
     for (long long i = (long long)blockIdx.x * EW_THREADS + threadIdx.x; i < n;
          i += (long long)gridDim.x * EW_THREADS) {
-        const unsigned int b = __float_as_uint(x[i]);
-        unsigned short r;
-        if ((b & 0x7fffffffu) > 0x7f800000u) {
-            r = (unsigned short)((b >> 16) | 0x0040u);
-        } else {
-            r = (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-        }
-        y[i] = r;
+        const long long p = i / per;
+        const long long e = i - p * per;
+        const long long r = e / cols;
+        y[i] = bf16_rne(x[offset + p * stride + r * ld + (e - r * cols)]);
     }
 }

@@ -175,6 +175,75 @@ impl GemmSpec {
     }
 }
 
+/// Where one GEMM input lies in its buffer, and how to gather exactly the
+/// elements the products read into a dense copy: `count` matrices of `rows
+/// × cols`, matrix `p` starting at `offset + p · stride`, row `r` at `+ r ·
+/// ld`. The bf16 GEMMs of the CUDA backend round this gather into a packed
+/// buffer (matrix after matrix, rows `cols` apart), so a product that reads
+/// one head's columns out of a packed QKV matrix converts those columns,
+/// not the whole buffer (per head, that was `heads` times the matrix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OperandGather {
+    pub(crate) offset: usize,
+    pub(crate) ld: usize,
+    pub(crate) stride: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// 1 when every product reads the same matrix (stride 0).
+    pub(crate) count: usize,
+}
+
+impl OperandGather {
+    /// Elements of the packed copy.
+    pub(crate) fn packed_len(&self) -> usize {
+        self.count * self.rows * self.cols
+    }
+
+    /// The stride between packed matrices (0: one matrix shared by all).
+    fn packed_stride(&self) -> usize {
+        if self.count == 1 {
+            0
+        } else {
+            self.rows * self.cols
+        }
+    }
+}
+
+impl GemmSpec {
+    /// The gathers of `A` and `B` and the same GEMM over their packed
+    /// copies (offsets 0, leading dimensions equal to the stored widths).
+    /// Call after [`GemmSpec::validate`], which bounds every product used
+    /// here.
+    pub(crate) fn packed(
+        &self,
+        batch: &BatchStrides,
+    ) -> (OperandGather, OperandGather, GemmSpec, BatchStrides) {
+        let gather = |(rows, cols): (usize, usize), offset, ld, stride: usize| OperandGather {
+            offset,
+            ld,
+            stride,
+            rows,
+            cols,
+            count: if stride == 0 { 1 } else { batch.count },
+        };
+        let ga = gather(self.a_dims(), self.offset_a, self.lda, batch.stride_a);
+        let gb = gather(self.b_dims(), self.offset_b, self.ldb, batch.stride_b);
+        let spec = GemmSpec {
+            lda: ga.cols,
+            ldb: gb.cols,
+            offset_a: 0,
+            offset_b: 0,
+            ..*self
+        };
+        let strides = BatchStrides {
+            stride_a: ga.packed_stride(),
+            stride_b: gb.packed_stride(),
+            ..*batch
+        };
+        (ga, gb, spec, strides)
+    }
+}
+
 /// How the matrices of a strided-batched GEMM follow one another: product
 /// `b` uses `A` at `offset_a + b * stride_a`, and so on. Inputs may overlap
 /// (heads interleaved in a packed QKV matrix: stride `head_dim`, leading

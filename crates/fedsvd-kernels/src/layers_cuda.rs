@@ -13,8 +13,8 @@ use cudarc::driver::{
 
 use crate::cuda::{dev, dev_mut, drv};
 use crate::layers::{
-    AttnShape, BatchStrides, DropoutSpec, Embeddings, GemmSpec, LayerKernels, Precision, check_eps,
-    check_labels, check_scale,
+    AttnShape, BatchStrides, DropoutSpec, Embeddings, GemmSpec, LayerKernels, OperandGather,
+    Precision, check_eps, check_labels, check_scale,
 };
 use crate::types::{check_len, check_matrix};
 use crate::{Buffer, CudaBackend, Error, Result};
@@ -41,7 +41,7 @@ pub(crate) struct LayerFunctions {
     masked_softmax_bwd: CudaFunction,
     dropout_mask: CudaFunction,
     cross_entropy: CudaFunction,
-    f32_to_bf16: CudaFunction,
+    f32_to_bf16_gather: CudaFunction,
 }
 
 impl LayerFunctions {
@@ -58,7 +58,7 @@ impl LayerFunctions {
             masked_softmax_bwd: func("masked_softmax_bwd")?,
             dropout_mask: func("dropout_mask")?,
             cross_entropy: func("cross_entropy_fwd_bwd")?,
-            f32_to_bf16: func("f32_to_bf16")?,
+            f32_to_bf16_gather: func("f32_to_bf16_gather")?,
         })
     }
 }
@@ -154,16 +154,26 @@ impl CudaBackend {
         self.stream.clone_htod(v).map_err(drv(what))
     }
 
-    /// Rounds `x` to bf16 on the device (round to nearest even).
-    fn to_bf16(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<u16>> {
-        let n = x.len();
+    /// Rounds the elements of `x` that `g` names to bf16 on the device
+    /// (round to nearest even), packed matrix after matrix.
+    fn gather_bf16(&self, x: &CudaSlice<f32>, g: &OperandGather) -> Result<CudaSlice<u16>> {
+        const OP: &str = "f32_to_bf16_gather";
+        let n = g.packed_len();
         // SAFETY: the kernel writes every element before cuBLAS reads it.
         let mut y = unsafe { self.stream.alloc::<u16>(n.max(1)) }.map_err(drv("alloc bf16"))?;
-        let n_i = i64_of("f32_to_bf16", n)?;
-        let mut b = self.stream.launch_builder(&self.lf.f32_to_bf16);
-        b.arg(x).arg(&mut y).arg(&n_i);
-        // SAFETY: x and y hold n elements each.
-        unsafe { b.launch(ew_grid(n)) }.map_err(drv("launch f32_to_bf16"))?;
+        let args = [g.offset, g.ld, g.stride, g.rows, g.cols, g.count]
+            .map(|v| i64_of(OP, v))
+            .into_iter()
+            .collect::<Result<Vec<i64>>>()?;
+        let mut b = self.stream.launch_builder(&self.lf.f32_to_bf16_gather);
+        b.arg(x);
+        for v in &args {
+            b.arg(v);
+        }
+        b.arg(&mut y);
+        // SAFETY: `GemmSpec::validate` bounded every gathered index by
+        // x.len(); y holds the n packed elements.
+        unsafe { b.launch(ew_grid(n)) }.map_err(drv("launch f32_to_bf16_gather"))?;
         Ok(y)
     }
 
@@ -634,7 +644,6 @@ impl LayerKernels for CudaBackend {
             });
         }
         const F4: u64 = 4;
-        const H2: u64 = 2;
         let f32_t = cudaDataType_t::CUDA_R_32F;
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
         let pc = pc + spec.offset_c as u64 * F4;
@@ -678,16 +687,20 @@ impl LayerKernels for CudaBackend {
                 }
             }
             Precision::Bf16 => {
-                let ah = self.to_bf16(a)?;
-                let bh = self.to_bf16(b)?;
+                // Only what the products read is rounded, into packed copies
+                // (the old whole-buffer rounding repeated the full QKV matrix
+                // for every head's product).
+                let (ga, gb, packed, strides) = spec.packed(batch);
+                let ah = self.gather_bf16(a, &ga)?;
+                let bh = self.gather_bf16(b, &gb)?;
                 let bf = cudaDataType_t::CUDA_R_16BF;
                 let (pa, _ga) = ah.device_ptr(&self.stream);
                 let (pb, _gb) = bh.device_ptr(&self.stream);
                 self.launch_gemm(
-                    spec,
-                    batch,
-                    (pa + spec.offset_a as u64 * H2, bf),
-                    (pb + spec.offset_b as u64 * H2, bf),
+                    &packed,
+                    &strides,
+                    (pa, bf),
+                    (pb, bf),
                     pc,
                     cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 )
@@ -734,6 +747,103 @@ mod tests {
                     let old = if beta == 0.0 { 0.0 } else { beta * c[o] };
                     c[o] = alpha * acc as f32 + old;
                 }
+            }
+        }
+    }
+
+    /// `f32_to_bf16_gather` on the host, with the kernel's index arithmetic
+    /// (the rounding itself is checked on a GPU, by the bf16 rows of
+    /// `gpu_gemms_match_f64_in_every_precision`).
+    fn gather_model(x: &[f32], g: &OperandGather) -> Vec<f32> {
+        let per = g.rows * g.cols;
+        (0..g.packed_len())
+            .map(|i| {
+                let p = i / per;
+                let e = i - p * per;
+                let r = e / g.cols;
+                x[g.offset + p * g.stride + r * g.ld + (e - r * g.cols)]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_gemm_over_packed_gathers_computes_the_original_product() {
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = layers_cpu::splitmix(seed);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        // (heads, head width, seq): the attention products of one layer
+        // read every head out of one packed QKV matrix (ld 3h, stride dh);
+        // a shared weight (stride 0) beside per-example inputs; plain GEMMs.
+        let (heads, dh, seq) = (3, 4, 5);
+        let h = heads * dh;
+        let mut cases: Vec<(GemmSpec, BatchStrides)> = Vec::new();
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut s = GemmSpec::new(seq, seq, dh);
+            s.trans_a = trans_a;
+            s.trans_b = trans_b;
+            s.lda = 3 * h;
+            s.ldb = 3 * h;
+            s.offset_a = 2;
+            s.offset_b = h + 1;
+            s.ldc = seq;
+            s.beta = 0.5;
+            cases.push((
+                s,
+                BatchStrides {
+                    count: heads,
+                    stride_a: dh,
+                    stride_b: dh,
+                    stride_c: seq * seq,
+                },
+            ));
+        }
+        let mut shared = GemmSpec::new(seq, h, h);
+        shared.trans_b = true;
+        shared.ldb = h + 3;
+        shared.offset_b = 7;
+        cases.push((
+            shared,
+            BatchStrides {
+                count: 4,
+                stride_a: seq * h,
+                stride_b: 0,
+                stride_c: seq * h,
+            },
+        ));
+        cases.push((GemmSpec::new(6, 7, 8), BatchStrides::single()));
+        for (case, (spec, batch)) in cases.into_iter().enumerate() {
+            spec.validate("test", &batch, (usize::MAX, usize::MAX, usize::MAX))
+                .unwrap();
+            let extent = |(rows, cols): (usize, usize), ld: usize, off: usize, stride: usize| {
+                off + (batch.count - 1) * stride + (rows - 1) * ld + cols
+            };
+            let a: Vec<f32> = (0..extent(spec.a_dims(), spec.lda, spec.offset_a, batch.stride_a))
+                .map(|_| next())
+                .collect();
+            let b: Vec<f32> = (0..extent(spec.b_dims(), spec.ldb, spec.offset_b, batch.stride_b))
+                .map(|_| next())
+                .collect();
+            let c0: Vec<f32> = (0..extent((spec.m, spec.n), spec.ldc, 0, batch.stride_c))
+                .map(|_| next())
+                .collect();
+            let mut want = c0.clone();
+            layers_cpu::gemm_strided_batched(&spec, &batch, &a, &b, &mut want).unwrap();
+            let (ga, gb, packed, strides) = spec.packed(&batch);
+            let (pa, pb) = (gather_model(&a, &ga), gather_model(&b, &gb));
+            packed
+                .validate("packed", &strides, (pa.len(), pb.len(), c0.len()))
+                .unwrap();
+            // A shared matrix is gathered once, not once per product.
+            assert_eq!(ga.count, if batch.stride_a == 0 { 1 } else { batch.count });
+            assert_eq!(gb.count, if batch.stride_b == 0 { 1 } else { batch.count });
+            assert_eq!(pa.len(), ga.count * spec.m * spec.k);
+            let cm = ColMajor::of(&packed, &strides).unwrap();
+            let mut got = c0.clone();
+            cublas_model(&cm, packed.alpha, packed.beta, &pb, &pa, &mut got);
+            for (o, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-5, "case {case} element {o}: {g} vs {w}");
             }
         }
     }
