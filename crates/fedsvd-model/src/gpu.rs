@@ -794,7 +794,8 @@ impl GpuModel {
     }
 
     /// The DP-SGD clipped sum `Σ_i min(1, C/(‖g_i‖ + 1e-6)) g_i` of the
-    /// per-example gradients of every `B` (as [`crate::Gradients::clipped_sum`]),
+    /// per-example gradients of every trainable tensor (`B`, `A` where it
+    /// trains, the head) in [`ParamLayout`] order (as [`crate::Gradients::clipped_sum`]),
     /// with the norms, losses and logits. `dropout_seed` draws the LoRA
     /// dropout masks as [`Model::gradients`] does (`None`: no dropout).
     pub fn clipped_sum(
