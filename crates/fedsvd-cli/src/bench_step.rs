@@ -123,6 +123,7 @@ fn run_cuda(args: &StepArgs) -> anyhow::Result<()> {
             "train_a": args.train_a,
             "model_bytes": r.model_bytes,
             "peak_device_bytes": r.peak_device_bytes,
+            "peak_allocated_bytes": r.peak_allocated_bytes,
             "last_loss": r.last_loss,
             "steps_s": r.times_s,
         });
@@ -145,13 +146,17 @@ fn run_cuda(args: &StepArgs) -> anyhow::Result<()> {
             "  median of {} steps: {:.4} s/step = {:.1} examples/s",
             args.steps, r.step_s, r.examples_per_s
         );
+        let mib = |b: Option<usize>| {
+            b.map_or("n/a".into(), |b| {
+                format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+            })
+        };
         println!(
-            "  device memory: {:.1} MiB allocated by the model, peak {} beyond the context",
+            "  device memory: {:.1} MiB allocated by the model, peak allocated {} \
+             (as PyTorch's max_memory_allocated), peak in use {} beyond the context",
             r.model_bytes as f64 / (1 << 20) as f64,
-            r.peak_device_bytes.map_or("n/a".into(), |b| format!(
-                "{:.1} MiB",
-                b as f64 / (1 << 20) as f64
-            ))
+            mib(r.peak_allocated_bytes),
+            mib(r.peak_device_bytes)
         );
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! no kernel source or PTX is added; device memory use is also reported here.
 
 use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::sys as driver_sys;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use crate::cuda::{dev, dev_mut, drv};
@@ -90,6 +91,74 @@ impl CudaBackend {
     /// two readings is what this process allocated in between.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(drv("mem_get_info"))
+    }
+
+    /// The memory pool this backend's stream-ordered allocations come from
+    /// (the device's current pool); `None` when the context allocates
+    /// synchronously, without a pool.
+    fn memory_pool(&self) -> Result<Option<driver_sys::CUmemoryPool>> {
+        if !self.ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        self.ctx.bind_to_thread().map_err(drv("bind context"))?;
+        let mut pool: driver_sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer; the device is this context's.
+        unsafe { driver_sys::cuDeviceGetMemPool(&mut pool, self.ctx.cu_device()) }
+            .result()
+            .map_err(drv("cuDeviceGetMemPool"))?;
+        Ok(Some(pool))
+    }
+
+    fn pool_attribute(
+        pool: driver_sys::CUmemoryPool,
+        attr: driver_sys::CUmemPool_attribute,
+    ) -> Result<usize> {
+        let mut v: u64 = 0;
+        // SAFETY: the used/reserved memory attributes are cuuint64_t.
+        unsafe { driver_sys::cuMemPoolGetAttribute(pool, attr, (&raw mut v).cast()) }
+            .result()
+            .map_err(drv("cuMemPoolGetAttribute"))?;
+        usize::try_from(v).map_err(|_| Error::Shape {
+            what: "memory pool",
+            detail: format!("{v} bytes exceed usize"),
+        })
+    }
+
+    /// Starts a new peak for [`CudaBackend::peak_allocated`] (the memory
+    /// held now still counts), as `torch.cuda.reset_peak_memory_stats`.
+    pub fn reset_peak_allocated(&self) -> Result<()> {
+        let Some(pool) = self.memory_pool()? else {
+            return Ok(());
+        };
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH takes a cuuint64_t, and only 0.
+        unsafe {
+            driver_sys::cuMemPoolSetAttribute(
+                pool,
+                driver_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&raw mut zero).cast(),
+            )
+        }
+        .result()
+        .map_err(drv("cuMemPoolSetAttribute"))
+    }
+
+    /// The most bytes this process's buffers held at once since the last
+    /// [`CudaBackend::reset_peak_allocated`]: the pool's used-memory high
+    /// watermark, which counts live allocations only, as PyTorch's
+    /// `max_memory_allocated` does (the CUDA context, cuBLAS's own
+    /// workspace and freed blocks the pool keeps for reuse are excluded).
+    /// `None` without a stream-ordered pool.
+    pub fn peak_allocated(&self) -> Result<Option<usize>> {
+        let Some(pool) = self.memory_pool()? else {
+            return Ok(None);
+        };
+        use driver_sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_USED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        };
+        let high = Self::pool_attribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        let now = Self::pool_attribute(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        Ok(Some(high.max(now)))
     }
 }
 

@@ -436,6 +436,11 @@ impl GpuModel {
             Backend::Cpu(_) => None,
         };
         let (frozen, bytes) = upload_frozen(&be, &w, head.pooling)?;
+        if let Backend::Cuda(c) = &be {
+            // The peak of `peak_allocated_bytes` starts with the weights in
+            // place, where the peer resets PyTorch's.
+            c.reset_peak_allocated().map_err(kerr)?;
+        }
         Ok(Self {
             be,
             model,
@@ -538,6 +543,20 @@ impl GpuModel {
     /// context are not counted).
     pub fn device_bytes(&self) -> usize {
         self.frozen_bytes + self.state_bytes + self.ws.as_ref().map_or(0, |w| w.bytes)
+    }
+
+    /// The most device memory this model's buffers held at once since it
+    /// was created, its weights included: the stream-ordered pool's
+    /// used-memory high watermark, which counts what PyTorch's
+    /// `max_memory_allocated` counts (live allocations; not the CUDA
+    /// context, not cuBLAS's workspace, not freed blocks kept for reuse).
+    /// `None` on the CPU backend, or where the driver allocates without a
+    /// pool.
+    pub fn peak_allocated_bytes(&self) -> Option<usize> {
+        match &self.be {
+            Backend::Cuda(c) => c.peak_allocated().ok().flatten(),
+            Backend::Cpu(_) => None,
+        }
     }
 
     /// Device memory in use now beyond what was in use when this model was

@@ -342,6 +342,10 @@ pub struct GpuStepBenchResult {
     /// use before the weights were uploaded (the CUDA context excluded),
     /// sampled after each step.
     pub peak_device_bytes: Option<usize>,
+    /// The most memory the model's buffers held at once, weights included
+    /// (the pool's high watermark: measured as the peer measures
+    /// `max_memory_allocated`); `None` without CUDA.
+    pub peak_allocated_bytes: Option<usize>,
     /// The mean loss of the last step.
     pub last_loss: f64,
 }
@@ -394,6 +398,7 @@ fn device_step_benchmark(
         device: gpu.backend_name(),
         model_bytes: gpu.device_bytes(),
         peak_device_bytes: peak,
+        peak_allocated_bytes: gpu.peak_allocated_bytes(),
         last_loss,
     })
 }
@@ -420,6 +425,7 @@ mod tests {
             assert!(r.examples_per_s > 0.0 && r.last_loss.is_finite());
             assert!(r.model_bytes > 4 * 22_000_000);
             assert_eq!(r.peak_device_bytes, None);
+            assert_eq!(r.peak_allocated_bytes, None);
         }
         let config = GpuStepBenchConfig {
             batch: 0,
